@@ -1,0 +1,131 @@
+"""The configuration file (`outheis.toml`), parsed and checked with pydantic [SPEC §3].
+
+Every key is validated at mount time, also those whose behaviour lives in other
+modules: a typo is an error that names the key, never a silent default.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+Priority = Literal["interactive", "normal", "background"]
+Restart = Literal["permanent", "transient", "temporary"]
+Durability = Literal["process", "disk"]
+Perms = Literal["r", "w", "rw"]
+PRIORITIES: tuple[Priority, ...] = ("interactive", "normal", "background")
+
+
+def valid_name(name: str) -> bool:
+    return NAME_RE.fullmatch(name) is not None
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    command: list[str] | None = None
+    priority: Priority = "normal"
+    restart: Restart = "permanent"
+    max_restarts: int = Field(default=3, ge=0)
+    restart_window: float = Field(default=5.0, gt=0)
+    instances: int = Field(default=1, ge=1, le=64)
+    send: list[str] = Field(default_factory=list)
+    unveil: dict[str, Perms] = Field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or not v[0]):
+            raise ValueError("command must name a program")
+        return v
+
+    @field_validator("unveil")
+    @classmethod
+    def _unveil(cls, v: dict[str, str]) -> dict[str, str]:
+        for path in v:
+            if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/":
+                raise ValueError(f"unveil path {path!r} must be absolute within the mount")
+        return v
+
+
+class Config(BaseModel):
+    """The whole file. Limits beyond SPEC §3 have the defaults the spec names."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    durability: Durability = "process"
+    max_queue: int = Field(default=10_000, ge=1)
+    max_message: int = Field(default=1 << 20, ge=64)
+    max_attempts: int = Field(default=5, ge=1)
+    aging: float = Field(default=10.0, gt=0)
+    agents: dict[str, AgentConfig] = Field(default_factory=dict)
+    vault: dict[str, str] = Field(default_factory=dict)
+    home: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("agents")
+    @classmethod
+    def _agents(cls, v: dict[str, AgentConfig]) -> dict[str, AgentConfig]:
+        for name, agent in v.items():
+            if name == "user":
+                raise ValueError("'user' is reserved for the operator")
+            if not valid_name(name):
+                raise ValueError(f"agent name {name!r} must match {NAME_RE.pattern}")
+            for target in agent.send:
+                if target != "*" and target != "user" and target not in v:
+                    raise ValueError(f"agents.{name}.send names unknown agent {target!r}")
+        return v
+
+    def check_vault(self) -> None:
+        for domain, owner in self.vault.items():
+            if not valid_name(domain):
+                raise ConfigError(f"vault.{domain}: domain name must match {NAME_RE.pattern}")
+            if owner not in self.agents:
+                raise ConfigError(f"vault.{domain}: unknown owner agent {owner!r}")
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def parse_config(text: str, home: Path, source: str = "config") -> Config:
+    """Parse TOML text; raise ConfigError with one line that names the key."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        config = Config.model_validate({**raw, "home": home})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = _key_path(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise ConfigError(f"{source}: {key}: {msg}") from None
+    try:
+        config.check_vault()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return config
+
+
+def load_config(path: Path | None) -> Config:
+    """Load PATH, or `./outheis.toml` if it exists, else the empty config."""
+    if path is None:
+        default = Path("outheis.toml")
+        if not default.exists():
+            return Config(home=Path.cwd())
+        path = default
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    return parse_config(text, path.resolve().parent, str(path))

@@ -1,0 +1,315 @@
+"""The dispatcher: agents, their queues and in-flight messages, as a state machine.
+
+Every change is first written to the event log and then applied by `apply`, the
+same function that rebuilds the state at start-up: the live state is, by
+construction, what a replay of the log gives [SPEC §5]. The dispatcher routes
+and never rewrites a body. It does not know about FUSE or processes; the callers
+(`ops`) decide who is asking and wait where waiting is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from .config import AgentConfig, Config, valid_name
+from .errors import BadInput, Busy, Exists, NotEmpty, NotFound, TooBig
+from .eventlog import Event, EventLog
+from .inbox import Inbox
+from .models import INFLIGHT, Draft, Message, new_id, parse_ts
+
+USER = "user"
+
+
+@dataclass(eq=False)
+class Agent:
+    name: str
+    config: AgentConfig | None
+    priority: str
+    inbox: Inbox
+    inflight: dict[str, Message] = field(default_factory=dict)
+    delivered: int = 0
+    dead: int = 0
+    restarts: int = 0
+    state: str = "external"
+    pids: list[int] = field(default_factory=list)
+    # Woken when a message arrives / when room frees up.
+    arrived: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    room: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
+    pollers: set[Any] = field(default_factory=set)  # pyfuse3 PollHandles to notify
+
+    @property
+    def queued(self) -> int:
+        return len(self.inbox)
+
+    def wake_readers(self) -> None:
+        self.arrived.unpark_all()
+        for handle in self.pollers:
+            handle.notify()
+        self.pollers.clear()
+
+
+class Dispatcher:
+    def __init__(self, config: Config, log: EventLog | None) -> None:
+        self.config = config
+        self.log = log
+        self.agents: dict[str, Agent] = {}
+        self.messages: dict[str, Message] = {}  # pending: queued or in flight
+        self.seq = 0
+        self._add(USER, None)
+        for name, ac in config.agents.items():
+            self._add(name, ac)
+
+    def _add(self, name: str, ac: AgentConfig | None) -> Agent:
+        agent = Agent(
+            name=name,
+            config=ac,
+            priority=ac.priority if ac else "normal",
+            inbox=Inbox(self.config.aging),
+            state="stopped" if ac and ac.command else "external",
+        )
+        self.agents[name] = agent
+        return agent
+
+    def agent(self, name: str) -> Agent:
+        try:
+            return self.agents[name]
+        except KeyError:
+            raise NotFound(f"no agent {name!r}") from None
+
+    # -- the state machine ---------------------------------------------------------------
+
+    def apply(self, ev: Event) -> None:
+        """Apply one logged event. Used live (after logging) and by replay."""
+        self.seq = ev["seq"]
+        kind = ev["type"]
+        if kind == "message":
+            to = ev["to"]
+            agent = self.agents.get(to) or self._add(to, None)
+            msg = Message(
+                id=ev["id"],
+                seq=ev["seq"],
+                sender=ev["from"],
+                to=to,
+                ts=ev["ts"],
+                t=parse_ts(ev["ts"]),
+                priority=ev["priority"],
+                body=ev["body"],
+                reply_to=ev["reply_to"],
+            )
+            self.messages[msg.id] = msg
+            agent.inbox.push(msg)
+        elif kind == "deliver":
+            msg = self.messages[ev["id"]]
+            agent = self.agents[msg.to]
+            agent.inbox.taken(msg)
+            msg.state = INFLIGHT
+            msg.delivered = ev["attempt"]
+            agent.inflight[msg.id] = msg
+            agent.delivered += 1
+        elif kind == "ack":
+            msg = self.messages.pop(ev["id"])
+            del self.agents[msg.to].inflight[msg.id]
+            msg.holder = None
+        elif kind == "redeliver":
+            msg = self.messages[ev["id"]]
+            agent = self.agents[msg.to]
+            del agent.inflight[msg.id]
+            msg.holder = None
+            agent.inbox.push(msg)
+        elif kind == "dead":
+            msg = self.messages.pop(ev["id"])
+            agent = self.agents[msg.to]
+            agent.inflight.pop(msg.id, None)
+            msg.holder = None
+            agent.dead += 1
+        elif kind == "agent":
+            if ev["op"] == "create":
+                self._add(ev["agent"], None)
+            else:
+                self.agents.pop(ev["agent"], None)
+        elif kind == "mount":
+            # The agents of the config in force; a mount resets their priorities.
+            for name, prio in ev.get("agents", {}).items():
+                agent = self.agents.get(name) or self._add(name, None)
+                agent.priority = prio
+        elif kind == "ctl":
+            words = ev["command"].split()
+            if words[0] == "priority" and ev["agent"] in self.agents:
+                self.agents[ev["agent"]].priority = words[1]
+
+    def record(self, events: Iterable[Event]) -> list[Event]:
+        """Log events, then apply them. Raises OSError if the log refuses."""
+        assert self.log is not None
+        out = self.log.append(events)
+        for ev in out:
+            self.apply(ev)
+        return out
+
+    def note(self, ev: Event) -> None:
+        """Log an event that changes no state (error, denied, ...); never raises."""
+        try:
+            self.record([ev])
+        except OSError:
+            pass
+
+    # -- operations ----------------------------------------------------------------------
+
+    def plan(self, sender: str, drafts: list[Draft], default_to: str | None) -> list[Event]:
+        """Turn parsed lines into message events, checking everything first.
+
+        `default_to` is the inbox written to; None for an outbox, where a draft
+        without `to` is a reply to the message the sender holds in flight.
+        """
+        events: list[Event] = []
+        src = self.agent(sender)
+        for d in drafts:
+            reply_to = d.reply_to
+            if d.to is not None:
+                targets = d.to
+            elif default_to is not None:
+                targets = [default_to]
+            else:
+                held = self._held(src, reply_to)
+                targets, reply_to = [held.sender], held.id
+            for to in targets:
+                if to not in self.agents:
+                    raise NotFound(f"no agent {to!r}")
+                ev: Event = {
+                    "type": "message",
+                    "id": new_id(),
+                    "from": sender,
+                    "to": to,
+                    "priority": d.priority or src.priority,
+                    "body": d.body,
+                    "reply_to": reply_to,
+                    "attempt": 1,
+                }
+                events.append(ev)
+        counts: dict[str, int] = {}
+        for ev in events:
+            counts[ev["to"]] = counts.get(ev["to"], 0) + 1
+        for to, n in counts.items():
+            if n > self.config.max_queue:
+                raise TooBig(f"{n} messages for {to!r} exceed its queue limit")
+        return events
+
+    def _held(self, agent: Agent, reply_to: str | None) -> Message:
+        if reply_to is not None:
+            msg = agent.inflight.get(reply_to)
+            if msg is None:
+                raise BadInput(f"{reply_to} is not a message {agent.name} holds in flight")
+            return msg
+        if not agent.inflight:
+            raise BadInput(f"no 'to' and {agent.name} holds no message in flight to reply to")
+        if len(agent.inflight) > 1:
+            raise BadInput(
+                f"{agent.name} holds several messages in flight: give 'to' or 'reply_to'"
+            )
+        return next(iter(agent.inflight.values()))
+
+    def full(self, events: list[Event]) -> Agent | None:
+        """The first recipient without room for its share of `events`, if any."""
+        counts: dict[str, int] = {}
+        for ev in events:
+            counts[ev["to"]] = counts.get(ev["to"], 0) + 1
+        for to, n in counts.items():
+            agent = self.agents[to]
+            if agent.queued + n > self.config.max_queue:
+                return agent
+        return None
+
+    def deliver(self, events: list[Event]) -> None:
+        """Log message events (room already checked) and wake their readers."""
+        self.record(events)
+        for name in {ev["to"] for ev in events}:
+            self.agents[name].wake_readers()
+
+    def take(self, name: str, holder: Any) -> Message | None:
+        """Hand the next message of NAME's inbox to `holder`, or None if empty."""
+        agent = self.agents[name]
+        msg = agent.inbox.peek(time.time())
+        if msg is None:
+            return None
+        self.record(
+            [{"type": "deliver", "agent": name, "id": msg.id, "attempt": msg.delivered + 1}]
+        )
+        msg.holder = holder
+        agent.room.unpark_all()
+        return msg
+
+    def ack(self, msg: Message, who: str) -> None:
+        if self.messages.get(msg.id) is msg and msg.state == INFLIGHT:
+            self.record([{"type": "ack", "agent": msg.to, "id": msg.id, "who": who}])
+
+    def ack_all(self, name: str, who: str, msg_id: str | None = None) -> int:
+        agent = self.agent(name)
+        if msg_id is not None:
+            if msg_id not in agent.inflight:
+                raise BadInput(f"{msg_id} is not in flight for {name}")
+            ids = [msg_id]
+        else:
+            ids = list(agent.inflight)
+        self.record({"type": "ack", "agent": name, "id": i, "who": who} for i in ids)
+        return len(ids)
+
+    def retry(self, msg: Message, reason: str) -> None:
+        """The holder of `msg` died abnormally: queue it again, or bury it."""
+        if self.messages.get(msg.id) is not msg or msg.state != INFLIGHT:
+            return
+        agent = self.agents[msg.to]
+        if msg.delivered >= self.config.max_attempts:
+            self.record(
+                [
+                    {
+                        "type": "dead",
+                        "agent": msg.to,
+                        "id": msg.id,
+                        "attempts": msg.delivered,
+                        "reason": reason,
+                    }
+                ]
+            )
+        else:
+            self.record(
+                [
+                    {
+                        "type": "redeliver",
+                        "agent": msg.to,
+                        "id": msg.id,
+                        "attempt": msg.delivered + 1,
+                        "reason": reason,
+                    }
+                ]
+            )
+            agent.wake_readers()
+
+    def requeue_inflight(self) -> None:
+        """After replay: what was in flight when the server stopped is delivered again."""
+        for agent in list(self.agents.values()):
+            for msg in list(agent.inflight.values()):
+                self.retry(msg, "server restarted while in flight")
+
+    def mkdir(self, name: str, who: str) -> Agent:
+        if not valid_name(name):
+            raise BadInput(f"agent name {name!r} must match [a-z0-9][a-z0-9_.-]{{0,63}}")
+        if name in self.agents:
+            raise Exists(f"agent {name!r} exists")
+        self.record([{"type": "agent", "op": "create", "agent": name, "who": who}])
+        return self.agents[name]
+
+    def rmdir(self, name: str, who: str) -> None:
+        agent = self.agent(name)
+        if name == USER:
+            raise Busy("the operator's mailbox 'user' cannot be removed")
+        if agent.pids:
+            raise Busy(f"agent {name!r} has running processes")
+        if agent.queued or agent.inflight:
+            raise NotEmpty(
+                f"agent {name!r} has {agent.queued + len(agent.inflight)} pending messages"
+            )
+        self.record([{"type": "agent", "op": "remove", "agent": name, "who": who}])

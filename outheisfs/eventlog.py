@@ -1,0 +1,368 @@
+"""The append-only event log: the single source of truth [SPEC §5, §8].
+
+Layout of the state folder:
+
+    events.jsonl          every event, one JSON line each; `seq` rises by one per line
+    streams/NAME.log      the events that concern agent NAME (derived)
+    streams/NAME.outbox   the messages NAME sent (derived)
+
+The root `log` file of the mount serves `events.jsonl` itself, byte for byte, so
+offsets, sizes and `tail -f` come for free. The stream files are indexes that can
+be rebuilt from the main file at any time; at start-up each is checked against
+the main file and caught up, so a crash between the two writes loses nothing.
+
+A torn last line (a write cut short by a crash) is cut off and reported; a bad
+line anywhere before the end is damage, and opening refuses with its position.
+Plain JSON lines were chosen over SQLite after measuring both: one append here
+costs ~5 µs against ~33 µs for an SQLite commit in WAL mode, and a FUSE request
+itself costs ~120 µs, so SQLite alone would have eaten the performance budget.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .errors import LogDamaged
+from .models import dumps, now
+
+Event = dict[str, Any]
+MAIN = "events.jsonl"
+COMPLETE = ".complete"  # in streams/: every stream holds all events up to this seq
+
+
+def concerned(ev: Event) -> set[str]:
+    """The agents an event concerns: whose `log` file shows it."""
+    names: set[str] = set()
+    for key in ("agent", "from", "who"):
+        v = ev.get(key)
+        if isinstance(v, str):
+            names.add(v)
+    to = ev.get("to")
+    if isinstance(to, str):
+        names.add(to)
+    elif isinstance(to, list):
+        names.update(x for x in to if isinstance(x, str))
+    return names
+
+
+def streams_of(ev: Event) -> list[str]:
+    out = [f"{name}.log" for name in concerned(ev)]
+    if ev.get("type") == "message":
+        out.append(f"{ev['from']}.outbox")
+    return out
+
+
+@dataclass
+class ReplayReport:
+    last_seq: int = 0
+    events: int = 0
+    torn: tuple[int, int] | None = None  # (offset, bytes cut)
+
+
+def _last_line(fd: int, size: int) -> tuple[int, bytes]:
+    """(offset, bytes) of the last complete line of a file that ends with a newline."""
+    end = size - 1  # the final newline
+    pos = end
+    chunk = 65536
+    while pos > 0:
+        start = max(0, pos - chunk)
+        data = os.pread(fd, pos - start, start)
+        i = data.rfind(b"\n")
+        if i >= 0:
+            return start + i + 1, os.pread(fd, end - (start + i + 1), start + i + 1)
+        pos = start
+    return 0, os.pread(fd, end, 0)
+
+
+def _complete_size(fd: int) -> int:
+    """Size of the file up to and including its last newline."""
+    size = os.fstat(fd).st_size
+    pos = size
+    while pos > 0:
+        start = max(0, pos - 65536)
+        data = os.pread(fd, pos - start, start)
+        i = data.rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        pos = start
+    return 0
+
+
+def _seq_of(line: bytes) -> int | None:
+    try:
+        ev = json.loads(line)
+        seq = ev["seq"]
+        return seq if isinstance(seq, int) else None
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class EventLog:
+    """Appends events, serves them back by offset, replays them at start."""
+
+    def __init__(self, state: Path, durability: str = "process", readonly: bool = False) -> None:
+        self.state = state
+        self.path = state / MAIN
+        self.durability = durability
+        self.readonly = readonly
+        self.seq = 0
+        self._fd = -1
+        self._size = 0
+        self._synced = 0
+        self._syncing: trio.Event | None = None
+        self._streams: dict[str, int] = {}  # stream -> fd
+        self._stream_size: dict[str, int] = {}
+        self._stream_last: dict[str, int] = {}  # only during replay
+        self._stale: set[str] = set()
+        self._broken: str | None = None
+        self.mtime_ns = time.time_ns()
+
+    # -- opening and replay ------------------------------------------------------------
+
+    def open(self, apply: Callable[[Event], None], until: int | None = None) -> ReplayReport:
+        """Check the log, repair a torn tail, replay every event into `apply`."""
+        report = ReplayReport()
+        if self.readonly:
+            if not self.path.exists():
+                return report
+            with open(self.path, "rb") as f:
+                self._scan(f, apply, report, until, os.fstat(f.fileno()).st_size)
+            return report
+        (self.state / "streams").mkdir(parents=True, exist_ok=True)
+        new = not self.path.exists()
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        if new:
+            dfd = os.open(self.state, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        size = os.fstat(self._fd).st_size
+        main_last = 0
+        complete = _complete_size(self._fd)
+        if complete:
+            main_last = _seq_of(_last_line(self._fd, complete)[1]) or 0
+        low = self._open_streams(main_last)
+        with open(self._fd, "rb", closefd=False) as f:
+            self._scan(f, apply, report, until, size, low)
+        if report.torn:
+            os.ftruncate(self._fd, report.torn[0])
+            os.fsync(self._fd)
+        self._size = self._synced = os.fstat(self._fd).st_size
+        self._stream_last.clear()
+        return report
+
+    def _open_streams(self, main_last: int) -> int:
+        """Open the stream files; return the seq up to which all of them are complete."""
+        marker = self.state / "streams" / COMPLETE
+        try:
+            low = min(int(marker.read_text()), main_last)
+        except (OSError, ValueError):
+            low = 0
+        for p in (self.state / "streams").iterdir():
+            name = p.name
+            if name.startswith("."):
+                continue
+            fd = self._stream_fd(name)
+            size = _complete_size(fd)
+            last = 0
+            if size:
+                last = _seq_of(_last_line(fd, size)[1]) or -1
+            if last < 0 or last > main_last:
+                size, last, low = 0, 0, 0  # unreadable or ahead of the main log: rebuild
+            if size != os.fstat(fd).st_size:
+                os.ftruncate(fd, size)
+            self._stream_size[name] = size
+            self._stream_last[name] = last
+        return low
+
+    def _scan(
+        self,
+        f: Any,
+        apply: Callable[[Event], None],
+        report: ReplayReport,
+        until: int | None,
+        size: int,
+        low: int = 0,
+    ) -> None:
+        offset = 0
+        lineno = 0
+        expected = 1
+        catch_up = not self.readonly
+        for raw in f:
+            lineno += 1
+            last = offset + len(raw) >= size
+            if not raw.endswith(b"\n"):
+                report.torn = (offset, len(raw))
+                break
+            try:
+                ev = json.loads(raw)
+                if not isinstance(ev, dict) or ev.get("seq") != expected:
+                    raise ValueError(f"expected an event with seq {expected}")
+                if not isinstance(ev.get("type"), str) or not isinstance(ev.get("ts"), str):
+                    raise ValueError("event without type or ts")
+                if until is None or expected <= until:
+                    apply(ev)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                # A last line that is not even JSON is a write cut short.
+                if last and isinstance(e, ValueError) and _seq_of(raw) is None:
+                    report.torn = (offset, len(raw))
+                    break
+                raise LogDamaged(
+                    str(self.path), offset, lineno, str(e) or type(e).__name__
+                ) from None
+            if catch_up and expected > low:
+                for stream in streams_of(ev):
+                    if self._stream_last.get(stream, 0) < expected:
+                        self._stream_write(stream, raw)
+            report.last_seq = expected
+            report.events += 1
+            expected += 1
+            offset += len(raw)
+        self.seq = report.last_seq
+
+    # -- appending ---------------------------------------------------------------------
+
+    def append(self, events: Iterable[Event]) -> list[Event]:
+        """Give each event its seq and ts, write them all, return the full events.
+
+        Returns once the lines are in the file (durability `process`); with `disk`
+        the caller then awaits `durable()`. On an OSError nothing is kept.
+        """
+        if self._broken:
+            raise OSError(5, self._broken)
+        out: list[Event] = []
+        lines: list[str] = []
+        seq = self.seq
+        for ev in events:
+            seq += 1
+            _, ts = now()
+            full: Event = {"seq": seq, "ts": ts}
+            full.update(ev)
+            out.append(full)
+            lines.append(dumps(full))
+        data = ("\n".join(lines) + "\n").encode()
+        self._write_all(data)
+        self.seq = seq
+        self.mtime_ns = time.time_ns()
+        for full, line in zip(out, lines, strict=True):
+            raw = None
+            for stream in streams_of(full):
+                if stream in self._stale:
+                    continue
+                if raw is None:
+                    raw = (line + "\n").encode()
+                self._stream_write(stream, raw)
+        return out
+
+    def _write_all(self, data: bytes) -> None:
+        start = self._size
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            try:
+                os.ftruncate(self._fd, start)
+            except OSError as e:
+                self._broken = f"event log cannot be repaired after a failed write: {e}"
+            raise
+        self._size = start + len(data)
+
+    def _stream_fd(self, stream: str) -> int:
+        fd = self._streams.get(stream)
+        if fd is None:
+            fd = os.open(
+                self.state / "streams" / stream, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600
+            )
+            self._streams[stream] = fd
+            self._stream_size[stream] = os.fstat(fd).st_size
+        return fd
+
+    def _stream_write(self, stream: str, raw: bytes) -> None:
+        fd = self._stream_fd(stream)
+        size = self._stream_size[stream]
+        try:
+            os.write(fd, raw)
+        except OSError:
+            # Derived data: stop feeding it; the next start catches it up.
+            self._stale.add(stream)
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass
+            return
+        self._stream_size[stream] = size + len(raw)
+
+    async def durable(self) -> None:
+        """With durability `disk`: return once everything written so far is fsynced.
+
+        Concurrent callers share one fsync (group commit).
+        """
+        if self.durability != "disk":
+            return
+        target = self._size
+        while self._synced < target:
+            if self._syncing is not None:
+                await self._syncing.wait()
+                continue
+            self._syncing = done = trio.Event()
+            upto = self._size
+            try:
+                await trio.to_thread.run_sync(os.fsync, self._fd)
+                self._synced = max(self._synced, upto)
+            finally:
+                self._syncing = None
+                done.set()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def size(self, stream: str | None = None) -> int:
+        if stream is None:
+            return self._size
+        if stream not in self._stream_size and not (self.state / "streams" / stream).exists():
+            return 0
+        self._stream_fd(stream)
+        return self._stream_size[stream]
+
+    def read(self, stream: str | None, offset: int, size: int) -> bytes:
+        if stream is None:
+            end = self._size
+            fd = self._fd
+        else:
+            end = self.size(stream)
+            if end == 0:
+                return b""
+            fd = self._streams[stream]
+        if offset >= end:
+            return b""
+        return os.pread(fd, min(size, end - offset), offset)
+
+    def close(self) -> None:
+        """Make everything durable and close the files."""
+        if self._fd < 0:
+            return
+        try:
+            os.fsync(self._fd)
+            for fd in self._streams.values():
+                os.fsync(fd)
+            if not self._stale and not self._broken:
+                marker = self.state / "streams" / COMPLETE
+                tmp = marker.with_suffix(".tmp")
+                tmp.write_text(str(self.seq))
+                os.replace(tmp, marker)
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            for fd in self._streams.values():
+                os.close(fd)
+            self._streams.clear()

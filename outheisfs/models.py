@@ -1,0 +1,193 @@
+"""Messages: what a writer may send (envelopes), what a reader gets [SPEC §4.1, §4.2].
+
+Parsing sits on the hot path of every write, so lines that are plain text skip
+pydantic; envelopes (JSON objects) are checked by the `Envelope` model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from .config import PRIORITIES, Priority, valid_name
+from .errors import BadInput
+
+RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
+
+# -- ids and timestamps ---------------------------------------------------------------
+
+_B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_last_ms = 0
+_last_rand = 0
+
+
+def new_id() -> str:
+    """A ULID: 48 bits of milliseconds, 80 random bits; monotonic within a millisecond."""
+    global _last_ms, _last_rand
+    ms = time.time_ns() // 1_000_000
+    if ms <= _last_ms:
+        ms = _last_ms
+        rand = _last_rand + 1
+    else:
+        rand = int.from_bytes(os.urandom(10), "big")
+    _last_ms, _last_rand = ms, rand
+    n = (ms << 80) | (rand & ((1 << 80) - 1))
+    out = []
+    for _ in range(26):
+        out.append(_B32[n & 31])
+        n >>= 5
+    return "".join(reversed(out))
+
+
+def is_id(s: object) -> bool:
+    return isinstance(s, str) and len(s) == 26 and all(c in _B32 for c in s)
+
+
+_ts_sec = -1
+_ts_prefix = ""
+
+
+def now() -> tuple[float, str]:
+    """Wall-clock time as (epoch seconds, ISO 8601 UTC with microseconds)."""
+    global _ts_sec, _ts_prefix
+    t = time.time()
+    sec = int(t)
+    if sec != _ts_sec:
+        _ts_sec = sec
+        _ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return t, f"{_ts_prefix}.{int((t - sec) * 1e6):06d}Z"
+
+
+def parse_ts(ts: str) -> float:
+    return datetime.fromisoformat(ts).timestamp()
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+# -- a message in the system ---------------------------------------------------------
+
+QUEUED, INFLIGHT = 0, 1
+
+
+@dataclass(slots=True, eq=False)
+class Message:
+    """A message that is pending: queued or in flight. Acked ones are forgotten."""
+
+    id: str
+    seq: int
+    sender: str
+    to: str
+    ts: str
+    t: float
+    priority: str
+    body: Any
+    reply_to: str | None
+    delivered: int = 0  # deliveries so far; the next one is attempt delivered + 1
+    state: int = QUEUED
+    gen: int = 0  # bumped on every enqueue, so stale heap entries are recognised
+    holder: Any = field(default=None)  # the open file that holds it in flight
+
+    def line(self) -> bytes:
+        """The line a reader gets [SPEC §4.1]."""
+        return (
+            dumps(
+                {
+                    "id": self.id,
+                    "seq": self.seq,
+                    "from": self.sender,
+                    "to": self.to,
+                    "ts": self.ts,
+                    "priority": self.priority,
+                    "body": self.body,
+                    "reply_to": self.reply_to,
+                    "attempt": self.delivered,
+                }
+            )
+            + "\n"
+        ).encode()
+
+
+# -- what writers send ---------------------------------------------------------------
+
+
+class Envelope(BaseModel):
+    """A line that is a JSON object [SPEC §4.2]."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    body: Any
+    priority: Priority | None = None
+    reply_to: str | None = None
+    to: str | list[str] | None = None
+
+    @field_validator("reply_to")
+    @classmethod
+    def _reply_to(cls, v: str | None) -> str | None:
+        if v is not None and not is_id(v):
+            raise ValueError("must be a message id")
+        return v
+
+    @field_validator("to")
+    @classmethod
+    def _to(cls, v: str | list[str] | None) -> str | list[str] | None:
+        names = [v] if isinstance(v, str) else (v or [])
+        if isinstance(v, list) and not v:
+            raise ValueError("must name at least one agent")
+        for name in names:
+            if not valid_name(name) and name != "user":
+                raise ValueError(f"{name!r} is not an agent name")
+        return v
+
+
+@dataclass(slots=True)
+class Draft:
+    """One parsed line, before the server gives it an id and a place in the log."""
+
+    body: Any
+    priority: str | None = None
+    reply_to: str | None = None
+    to: list[str] | None = None
+
+
+def parse_line(line: bytes, outbox: bool) -> Draft:
+    """Parse one line (without its newline) into a Draft; BadInput says why not."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    try:
+        text = line.decode()
+    except UnicodeDecodeError:
+        raise BadInput("line is not UTF-8 text") from None
+    if not text.strip():
+        raise BadInput("empty line is not a message")
+    if text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict):
+            return _envelope(obj, outbox)
+    return Draft(body=text)
+
+
+def _envelope(obj: dict[str, Any], outbox: bool) -> Draft:
+    if "body" not in obj:
+        raise BadInput("envelope has no 'body'")
+    if not outbox and "to" in obj:
+        raise BadInput("'to' belongs on an outbox; an inbox already names its recipient")
+    try:
+        env = Envelope.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "envelope"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        raise BadInput(f"envelope field '{where}': {msg}") from None
+    to = [env.to] if isinstance(env.to, str) else env.to
+    return Draft(body=env.body, priority=env.priority, reply_to=env.reply_to, to=to)

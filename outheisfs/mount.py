@@ -1,0 +1,287 @@
+"""The server's life: check, replay, mount, serve, and shut down cleanly [SPEC §2].
+
+`serve` runs in the foreground process. `mount` (the CLI's default) starts it as a
+detached child and returns only once the filesystem answers, passing errors back
+through a pipe so that the user sees one clear line and the right exit status.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from . import procinfo
+from .config import Config
+from .dispatcher import Dispatcher
+from .errors import LogDamaged
+from .eventlog import EventLog
+from .exitwatch import ExitWatch
+from .ops import XATTR_PID, Operations
+
+log = logging.getLogger(__name__)
+MAX_TASKS = 10_000  # each parked read or write holds one pyfuse3 worker task
+
+
+class MountError(Exception):
+    """One line for the user, and the exit status (2: usage/config, 1: the rest)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Options:
+    config: Config
+    mountpoint: Path
+    state: Path
+    durability: str
+
+
+# -- checks before mounting ----------------------------------------------------------
+
+
+def check_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("no usable FUSE: /dev/fuse does not exist (modprobe fuse?)")
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise MountError("no usable FUSE: fusermount3 not found (apt-get install fuse3)")
+
+
+def unmount_stale(mp: Path) -> None:
+    """Detach a mount whose server is gone (it answers ENOTCONN)."""
+    if shutil.which("fusermount3"):
+        subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True, check=False)
+    else:
+        subprocess.run(["umount", "-l", str(mp)], capture_output=True, check=False)
+
+
+def check_mountpoint(mp: Path) -> None:
+    try:
+        st = os.stat(mp)
+    except FileNotFoundError:
+        raise MountError(f"mountpoint {mp} does not exist", 2) from None
+    except OSError as e:
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            unmount_stale(mp)
+            try:
+                st = os.stat(mp)
+            except OSError as e2:
+                raise MountError(
+                    f"mountpoint {mp}: stale mount could not be cleaned: {e2}"
+                ) from None
+        else:
+            raise MountError(f"mountpoint {mp}: {e.strerror}") from None
+    import stat as stat_
+
+    if not stat_.S_ISDIR(st.st_mode):
+        raise MountError(f"mountpoint {mp} is not a directory", 2)
+    if os.path.ismount(mp):
+        raise MountError(f"mountpoint {mp} is busy: something is mounted there")
+
+
+def lock_state(state: Path) -> int:
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as e:
+        raise MountError(f"state folder {state}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise MountError(
+            f"state folder {state} is in use by another server (pid {other})"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+# -- the server ----------------------------------------------------------------------
+
+
+async def serve(opts: Options, ready: Ready) -> None:
+    """Mount and serve until unmounted or told to stop (SIGTERM, SIGINT, SIGHUP)."""
+    check_fuse()
+    check_mountpoint(opts.mountpoint)
+    lock_fd = lock_state(opts.state)
+    procinfo.raise_nofile()
+    elog = EventLog(opts.state, opts.durability)
+    d = Dispatcher(opts.config, elog)
+    try:
+        report = elog.open(d.apply)
+    except LogDamaged as e:
+        raise MountError(f"event log refused: {e}") from None
+    if report.torn:
+        offset, size = report.torn
+        d.note(
+            {
+                "type": "error",
+                "who": "server",
+                "where": "/log",
+                "errno": "EIO",
+                "why": f"torn last record cut off at byte {offset} ({size} bytes)",
+            }
+        )
+    d.record(
+        [
+            {
+                "type": "mount",
+                "mountpoint": str(opts.mountpoint),
+                "pid": os.getpid(),
+                "durability": opts.durability,
+                "agents": {n: a.priority for n, a in opts.config.agents.items()},
+            }
+        ]
+    )
+    d.requeue_inflight()
+    exits = ExitWatch()
+    ops = Operations(d, elog, exits)
+    options = {"fsname=outheisfs", "subtype=outheisfs", "noatime"}
+    if os.geteuid() == 0:
+        options.add("allow_other")
+    try:
+        pyfuse3.init(ops, str(opts.mountpoint), options)
+    except RuntimeError as e:
+        elog.close()
+        raise MountError(f"cannot mount {opts.mountpoint}: {e}") from None
+    mounted = True
+    try:
+        async with trio.open_nursery() as nursery:
+            ops.nursery = nursery
+
+            async def fuse_main() -> None:
+                await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
+                nursery.cancel_scope.cancel()  # unmounted from outside
+
+            nursery.start_soon(fuse_main)
+            await nursery.start(exits.run)
+            await trio.to_thread.run_sync(os.stat, opts.mountpoint / "ctl")
+            ready.ok()
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("signal %d: shutting down", signum)
+                    break
+            nursery.cancel_scope.cancel()
+    finally:
+        ops.settle_all()
+        d.note({"type": "umount", "mountpoint": str(opts.mountpoint)})
+        elog.close()
+        if mounted:
+            pyfuse3.close(unmount=True)
+        os.close(lock_fd)
+
+
+class Ready:
+    """Tells the waiting `outheisfs mount` how starting went, through a pipe."""
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def _send(self, text: str) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, text.encode())
+            os.close(self.fd)
+        except OSError:
+            pass
+        self.fd = None
+
+    def ok(self) -> None:
+        self._send("ok\n")
+
+    def fail(self, message: str, status: int) -> None:
+        self._send(f"{status} {message}\n")
+
+
+def run_foreground(opts: Options, ready_fd: int | None) -> int:
+    ready = Ready(ready_fd)
+    try:
+        trio.run(serve, opts, ready)
+    except MountError as e:
+        print(f"outheisfs: {e}", file=sys.stderr)
+        ready.fail(str(e), e.status)
+        return e.status
+    return 0
+
+
+def start_background(argv: list[str], state: Path) -> int:
+    """Start the server detached; return once it answers, or report why not."""
+    state.mkdir(parents=True, exist_ok=True)
+    r, w = os.pipe()
+    logf = open(state / "server.log", "ab")
+    cmd = [sys.executable, "-m", "outheisfs", *argv, "--foreground", "--ready-fd", str(w)]
+    proc = subprocess.Popen(
+        cmd,
+        stdin=subprocess.DEVNULL,
+        stdout=logf,
+        stderr=logf,
+        pass_fds=(w,),
+        start_new_session=True,
+    )
+    os.close(w)
+    logf.close()
+    with os.fdopen(r, "rb") as f:
+        answer = f.readline().decode().strip()
+    if answer == "ok":
+        return 0
+    if answer:
+        status, _, message = answer.partition(" ")
+        print(f"outheisfs: {message}", file=sys.stderr)
+        proc.wait()
+        return int(status)
+    code = proc.wait()
+    print(
+        f"outheisfs: server exited with status {code} before mounting; see {state / 'server.log'}",
+        file=sys.stderr,
+    )
+    return 1
+
+
+# -- umount --------------------------------------------------------------------------
+
+
+def umount(mp: Path, timeout: float = 60.0) -> int:
+    """Ask the server of `mp` to stop, and wait until it has."""
+    try:
+        pid = int(os.getxattr(mp, XATTR_PID.decode()))
+    except OSError as e:
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+            unmount_stale(mp)
+            print(f"outheisfs: {mp}: server was gone; stale mount removed", file=sys.stderr)
+            return 0
+        if e.errno == errno.ENOENT:
+            print(f"outheisfs: {mp} does not exist", file=sys.stderr)
+            return 2
+        print(f"outheisfs: {mp} is not an outheisfs mount", file=sys.stderr)
+        return 1
+    st = procinfo.stat(pid)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        unmount_stale(mp)
+        return 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        now = procinfo.stat(pid)
+        gone = now is None or (st and now.start != st.start) or now.state == "Z"
+        if gone and not os.path.ismount(mp):
+            return 0
+        time.sleep(0.02)
+    print(f"outheisfs: server {pid} did not stop within {timeout:.0f} s", file=sys.stderr)
+    return 1

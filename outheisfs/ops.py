@@ -1,0 +1,627 @@
+"""The FUSE operations: the tree of SPEC §4 served with pyfuse3.
+
+This module only translates: requests into dispatcher calls, domain errors into
+errno (through `errors`), and waiting into parked tasks that watch their caller
+for signals. Rights are decided at open and carried by the open file.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import select
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar, cast
+
+import pyfuse3
+import trio
+
+from . import ctl, procinfo
+from .dispatcher import USER, Dispatcher
+from .errors import BadInput, Interrupted, NotFound, NotPermitted, OutheisError, WouldBlock
+from .eventlog import EventLog
+from .exitwatch import ExitWatch
+from .lines import LineBuffer
+from .models import Message, parse_line
+from .tree import AGENTS_INODE, ROOT_INODE, Kind, Node, Tree
+
+log = logging.getLogger(__name__)
+
+SIGNAL_POLL = 0.1  # seconds between looks at a parked caller's pending signals
+CLOSE_GRACE = 0.5  # seconds a reader that closed may still fail its message
+QUIET = {errno.EAGAIN, errno.EINTR}  # refusals that are normal, not `error` events
+XATTR_PID = b"user.outheisfs.pid"
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def handler(fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Let only FUSEError out of a handler: anything else would end the mount."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OutheisError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            log.error("%s: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+@dataclass(eq=False)
+class Handle:
+    """One open file, with the rights and identity decided at open."""
+
+    node: Node
+    who: str  # the agent the opener acts as ("user" for the operator)
+    tid: int  # the opening thread, watched for signals and for how it ends
+    read: bool
+    write: bool
+    nonblock: bool
+    lines: LineBuffer
+    pid: int = 0  # the opener's process and its start time, learned when needed
+    start: int = 0
+    msg: Message | None = None  # inbox: the message this file holds in flight
+    rest: bytes = b""  # inbox: what the reader's buffer did not take of it
+    snapshot: bytes | None = None  # ctl: status as of open
+    poll: Any = None
+    dropped: bool = False  # writer killed by a signal: its unterminated line is void
+    settled: bool = field(default=False)
+
+    @property
+    def path(self) -> str:
+        return path_of(self.node)
+
+
+def path_of(node: Node) -> str:
+    kind = node.row.kind
+    if kind is Kind.ROOT:
+        return "/"
+    if node.agent is None:
+        return "/" + node.row.name
+    if kind is Kind.AGENT:
+        return f"/agents/{node.agent}"
+    return f"/agents/{node.agent}/{node.row.name}"
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, dispatcher: Dispatcher, log_: EventLog, exits: ExitWatch) -> None:
+        super().__init__()
+        self.d = dispatcher
+        self.log = log_
+        self.exits = exits
+        self.tree = Tree()
+        for name in dispatcher.agents:
+            self.tree.add_agent(name)
+        self.handles: dict[int, Handle] = {}
+        self._next_fh = 1
+        self.nursery: trio.Nursery | None = None
+        self.settling: set[Message] = set()
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.started_ns = time.time_ns()
+
+    # -- identity -----------------------------------------------------------------------
+
+    def who(self, ctx: pyfuse3.RequestContext) -> str:
+        """The agent a request acts for. Every process is the operator until
+        agent processes exist (supervisor, `outheisfs run`)."""
+        return USER
+
+    def _error(self, who: str, where: str, e: OutheisError) -> None:
+        if e.errno not in QUIET:
+            self.d.note(
+                {
+                    "type": "error",
+                    "who": who,
+                    "where": where,
+                    "errno": errno.errorcode.get(e.errno, str(e.errno)),
+                    "why": e.reason,
+                }
+            )
+
+    # -- nodes and attributes -----------------------------------------------------------
+
+    def _node(self, inode: int) -> Node:
+        node = self.tree.node(inode)
+        if node is None or (node.agent is not None and node.agent not in self.d.agents):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _size(self, node: Node) -> int:
+        kind = node.row.kind
+        if kind is Kind.ROOT_LOG:
+            return self.log.size()
+        if kind is Kind.LOG:
+            return self.log.size(f"{node.agent}.log")
+        if kind is Kind.OUTBOX:
+            return self.log.size(f"{node.agent}.outbox")
+        if kind is Kind.CTL:
+            return len(ctl.agent_status(self.d.agents[cast(str, node.agent)]).encode())
+        if kind is Kind.ROOT_CTL:
+            return len(ctl.root_status(self.d).encode())
+        return 0
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        a.generation = 0
+        # Nothing is cached: sizes grow, agents come and go, and the view will
+        # differ per caller [SPEC §6].
+        a.entry_timeout = 0
+        a.attr_timeout = 0
+        a.st_mode = node.row.st_mode
+        a.st_nlink = 2 if node.row.is_dir else 1
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_rdev = 0
+        a.st_size = self._size(node)
+        a.st_blksize = 4096
+        a.st_blocks = (a.st_size + 511) // 512
+        mtime = self.log.mtime_ns if node.row.kind in _GROWING else self.started_ns
+        a.st_atime_ns = mtime
+        a.st_ctime_ns = mtime
+        a.st_mtime_ns = mtime
+        return a
+
+    @handler
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self._attrs(parent)
+        inode = self.tree.lookup(parent, name.decode(errors="replace"))
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(self._node(inode))
+
+    @handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    @handler
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_size and not (node.row.writable and attr.st_size == 0):
+            # Truncating to zero is what O_TRUNC asks of the message files
+            # (`echo x > inbox`); it changes nothing. Logs never shrink.
+            raise pyfuse3.FUSEError(errno.EACCES if node.row.is_dir is False else errno.EISDIR)
+        return self._attrs(node)
+
+    @handler
+    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        node = self._node(inode)
+        perms = node.row.mode
+        if mode & os.R_OK and not perms & 0o444:
+            return False
+        if mode & os.W_OK and not perms & 0o222:
+            return False
+        return not (mode & os.X_OK and not node.row.is_dir)
+
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_namemax = 64
+        s.f_files = len(self.d.agents) * 5 + 5
+        return s
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if inode == ROOT_INODE and name == XATTR_PID:
+            return str(os.getpid()).encode()
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    @handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [XATTR_PID] if inode == ROOT_INODE else []
+
+    # -- directories --------------------------------------------------------------------
+
+    @handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if not node.row.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        node = self._node(fh)
+        entries = self.tree.children(node, list(self.d.agents))
+        for i, (name, inode) in enumerate(entries[start_id:], start_id + 1):
+            child = self.tree.node(inode)
+            if child is None:
+                continue
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(child), i):
+                break
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    @handler
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        who = self.who(ctx)
+        where = f"{path_of(parent).rstrip('/')}/{name.decode(errors='replace')}"
+        try:
+            if parent.inode != AGENTS_INODE:
+                raise NotPermitted("only agents/ takes new folders")
+            if who != USER:
+                raise NotPermitted("only the operator creates agents")
+            agent = self.d.mkdir(name.decode(errors="replace"), who)
+        except OutheisError as e:
+            self._error(who, where, e)
+            raise
+        return self._attrs(self._node(self.tree.add_agent(agent.name)))
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        who = self.who(ctx)
+        text = name.decode(errors="replace")
+        where = f"{path_of(parent).rstrip('/')}/{text}"
+        try:
+            if parent.inode != AGENTS_INODE:
+                raise NotPermitted("only agents can be removed")
+            if who != USER:
+                raise NotPermitted("only the operator removes agents")
+            self.d.rmdir(text, who)
+        except OutheisError as e:
+            self._error(who, where, e)
+            raise
+        self.tree.remove_agent(text)
+
+    @handler
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    @handler
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EACCES)
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._node(parent_inode)
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # -- files --------------------------------------------------------------------------
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        row = node.row
+        if row.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        acc = flags & os.O_ACCMODE
+        read = acc in (os.O_RDONLY, os.O_RDWR)
+        write = acc in (os.O_WRONLY, os.O_RDWR)
+        if (read and not row.readable) or (write and not row.writable):
+            raise pyfuse3.FUSEError(errno.EACCES)
+        h = Handle(
+            node=node,
+            who=self.who(ctx),
+            tid=ctx.pid,
+            read=read,
+            write=write,
+            nonblock=bool(flags & os.O_NONBLOCK),
+            lines=LineBuffer(self.d.config.max_message),
+        )
+        if read and row.kind is Kind.CTL:
+            h.snapshot = ctl.agent_status(self.d.agents[cast(str, node.agent)]).encode()
+        elif read and row.kind is Kind.ROOT_CTL:
+            h.snapshot = ctl.root_status(self.d).encode()
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = h
+        return pyfuse3.FileInfo(fh=fh, direct_io=row.direct_io, keep_cache=False)
+
+    def _handle(self, fh: int) -> Handle:
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        return h
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._handle(fh)
+        kind = h.node.row.kind
+        if kind is Kind.INBOX:
+            return await self._read_inbox(h, size)
+        if h.snapshot is not None:
+            return h.snapshot[off : off + size]
+        stream = _STREAMS[kind]
+        return self.log.read(None if stream is None else stream.format(h.node.agent), off, size)
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._handle(fh)
+        try:
+            lines = h.lines.feed(buf)
+            if lines:
+                await self._write_lines(h, lines)
+        except OutheisError as e:
+            h.lines.reset()
+            self._error(h.who, h.path, e)
+            raise
+        return len(buf)
+
+    async def _write_lines(self, h: Handle, lines: list[bytes]) -> None:
+        if h.node.row.kind is Kind.CTL:
+            self._run_ctl(h, lines)
+        else:
+            await self._send(h, lines)
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        h = self.handles.get(fh)
+        if h is None or not (h.msg is not None or h.lines.partial):
+            return
+        st = self._opener_stat(h)
+        if st is not None and st.exiting:
+            # The opener is exiting: its status is final and tells how [FUSE notes].
+            code = st.exit_code
+            if h.msg is not None:
+                self._settle_now(h, code)
+            if h.lines.partial and procinfo.killed_by_signal(code):
+                h.lines.reset()
+                h.dropped = True
+        if h.lines.partial:
+            rest = h.lines.take_rest()
+            try:
+                await self._write_lines(h, [rest])
+            except OutheisError as e:
+                self._error(h.who, h.path, e)
+                raise
+
+    @handler
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            return
+        self._forget_poll(h)
+        if h.lines.partial and not h.dropped:
+            try:
+                await self._write_lines(h, [h.lines.take_rest()])
+            except OutheisError as e:
+                self._error(h.who, h.path, e)
+        if h.msg is not None:
+            msg, h.msg = h.msg, None
+            if self.nursery is None or not h.pid:
+                self.d.ack(msg, h.who)
+            else:
+                self.settling.add(msg)
+                self.nursery.start_soon(self._settle_later, msg, h.who, h.pid, h.start)
+
+    @handler
+    async def poll(self, inode: int, fh: int, poll_handle: Any, ctx: pyfuse3.RequestContext) -> int:
+        h = self._handle(fh)
+        kind = h.node.row.kind
+        mask = 0
+        if kind is Kind.INBOX:
+            agent = self.d.agents.get(cast(str, h.node.agent))
+            if agent is None:
+                return select.POLLERR
+            if h.read and (h.rest or agent.queued):
+                mask |= select.POLLIN | select.POLLRDNORM
+            if h.write and agent.queued < self.d.config.max_queue:
+                mask |= select.POLLOUT | select.POLLWRNORM
+            if poll_handle is not None:
+                self._forget_poll(h)
+                h.poll = poll_handle
+                agent.pollers.add(poll_handle)
+            return mask
+        if h.read:
+            mask |= select.POLLIN | select.POLLRDNORM
+        if h.write:
+            mask |= select.POLLOUT | select.POLLWRNORM
+        return mask
+
+    def _forget_poll(self, h: Handle) -> None:
+        if h.poll is not None and h.node.agent in self.d.agents:
+            self.d.agents[h.node.agent].pollers.discard(h.poll)
+        h.poll = None
+
+    # -- inbox reading ------------------------------------------------------------------
+
+    async def _read_inbox(self, h: Handle, size: int) -> bytes:
+        if h.rest:
+            chunk, h.rest = h.rest[:size], h.rest[size:]
+            return chunk
+        if h.msg is not None:  # the next read acknowledges the previous message
+            self.d.ack(h.msg, h.who)
+            h.msg = None
+        name = cast(str, h.node.agent)
+        if not h.pid:
+            self._learn_opener(h)
+        while True:
+            agent = self.d.agents.get(name)
+            if agent is None:
+                raise NotFound(f"agent {name} was removed")
+            msg = self.d.take(name, h)
+            if msg is not None:
+                break
+            if h.nonblock:
+                raise WouldBlock("inbox is empty")
+            await self._park(agent.arrived, h)
+        await self.log.durable()
+        h.msg = msg
+        line = msg.line()
+        h.rest = line[size:]
+        return line[:size]
+
+    async def _park(self, lot: trio.lowlevel.ParkingLot, h: Handle) -> None:
+        """Wait to be woken through `lot`; give up with EINTR when the caller has a
+        signal pending, so that the signal can act (pyfuse3 has no interrupts)."""
+        self._check_signals(h)
+        with trio.move_on_after(SIGNAL_POLL):
+            await lot.park()
+        self._check_signals(h)
+
+    def _check_signals(self, h: Handle) -> None:
+        pending = procinfo.signal_pending(h.tid)
+        if pending is None and h.pid and h.pid != h.tid:
+            pending = procinfo.signal_pending(h.pid)
+        if pending is None or pending:
+            raise Interrupted("signal pending")
+
+    def _learn_opener(self, h: Handle) -> None:
+        h.pid = procinfo.tgid(h.tid)
+        st = procinfo.stat(h.pid)
+        h.start = st.start if st else 0
+
+    def _opener_stat(self, h: Handle) -> procinfo.Stat | None:
+        st = procinfo.stat(h.tid)
+        if st is None and h.pid:
+            st = procinfo.stat(h.pid)
+            if st is not None and st.start != h.start:
+                return None
+        return st
+
+    def _settle_now(self, h: Handle, exit_code: int) -> None:
+        msg, h.msg, h.rest = h.msg, None, b""
+        assert msg is not None
+        if procinfo.abnormal(exit_code):
+            self.d.retry(msg, f"reader {describe_exit(exit_code)}")
+        else:
+            self.d.ack(msg, h.who)
+
+    async def _settle_later(self, msg: Message, who: str, pid: int, start: int) -> None:
+        """A reader closed its inbox while alive: the message counts as handled
+        unless the process now fails (exits non-zero or is killed) within the grace."""
+        try:
+            code = await self.exits.wait(pid, start, CLOSE_GRACE)
+        finally:
+            self.settling.discard(msg)
+        if code is not None and procinfo.abnormal(code):
+            self.d.retry(msg, f"reader {describe_exit(code)} after closing")
+        else:
+            self.d.ack(msg, who)
+
+    def settle_all(self) -> None:
+        """At shutdown: closed files' messages count as handled."""
+        for msg in list(self.settling):
+            self.d.ack(msg, USER)
+        self.settling.clear()
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def _send(self, h: Handle, lines: list[bytes]) -> None:
+        outbox = h.node.row.kind is Kind.OUTBOX
+        owner = cast(str, h.node.agent)
+        if outbox and h.who not in (owner, USER):
+            raise NotPermitted(f"only {owner} and the operator send through this outbox")
+        drafts = [parse_line(line, outbox) for line in lines]
+        sender = owner if outbox else h.who
+        events = self.d.plan(sender, drafts, None if outbox else owner)
+        while (full := self.d.full(events)) is not None:
+            if h.nonblock:
+                raise WouldBlock(f"inbox of {full.name} is full")
+            await self._park(full.room, h)
+        self.d.deliver(events)
+        await self.log.durable()
+
+    # -- ctl ----------------------------------------------------------------------------
+
+    def _run_ctl(self, h: Handle, lines: list[bytes]) -> None:
+        name = cast(str, h.node.agent)
+        try:
+            commands = [ctl.parse(line.decode()) for line in lines if line.strip()]
+        except UnicodeDecodeError:
+            raise BadInput("command is not UTF-8 text") from None
+        for cmd in commands:
+            self._ctl_command(h, name, cmd)
+
+    def _ctl_command(self, h: Handle, name: str, cmd: ctl.Command) -> None:
+        who = h.who
+        if cmd.name in ctl.SUPERVISOR:
+            raise BadInput(f"{cmd.name}: this server does not supervise processes yet")
+        if cmd.name == "unveil":
+            raise BadInput("unveil: per-agent views are not enforced by this server yet")
+        if cmd.name == "priority" and who != USER:
+            raise NotPermitted("only the operator sets priorities")
+        if cmd.name == "ack" and who not in (name, USER):
+            raise NotPermitted(f"only {name} and the operator acknowledge its messages")
+        if cmd.name == "ack" and cmd.args and cmd.args[0] not in self.d.agents[name].inflight:
+            raise BadInput(f"ack: {cmd.args[0]} is not in flight for {name}")
+        self.d.record([{"type": "ctl", "agent": name, "who": who, "command": str(cmd)}])
+        if cmd.name == "ack":
+            for hd in self.handles.values():
+                if (
+                    hd.msg is not None
+                    and hd.node.agent == name
+                    and (not cmd.args or hd.msg.id == cmd.args[0])
+                ):
+                    hd.msg, hd.rest = None, b""
+            self.d.ack_all(name, who, cmd.args[0] if cmd.args else None)
+
+
+_STREAMS: dict[Kind, str | None] = {
+    Kind.ROOT_LOG: None,
+    Kind.LOG: "{}.log",
+    Kind.OUTBOX: "{}.outbox",
+}
+_GROWING = {Kind.ROOT_LOG, Kind.LOG, Kind.OUTBOX}
+
+
+def describe_exit(code: int) -> str:
+    if code & 0x7F:
+        return f"killed by signal {code & 0x7F}"
+    return f"exited with status {code >> 8}"

@@ -1,0 +1,100 @@
+"""What /proc tells about a caller: pending signals, exiting state, exit code.
+
+pyfuse3 cannot see FUSE interrupts and its flush/release carry no caller, so the
+server looks at the caller itself (see docs/design.md, "Who closes").
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+PF_EXITING = 0x4
+
+
+def signal_pending(tid: int) -> bool | None:
+    """True if thread `tid` has an unblocked signal pending; None if it is gone."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    pnd = shd = blk = 0
+    for line in data.split(b"\n"):
+        if line.startswith(b"SigPnd:"):
+            pnd = int(line[7:], 16)
+        elif line.startswith(b"ShdPnd:"):
+            shd = int(line[7:], 16)
+        elif line.startswith(b"SigBlk:"):
+            blk = int(line[7:], 16)
+            break
+    return bool((pnd | shd) & ~blk)
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    state: str
+    ppid: int
+    start: int  # start time in clock ticks since boot: with the pid, names a process
+    flags: int
+    exit_code: int  # as wait(2) reports it: 768 = exit(3), 9 = killed by SIGKILL
+
+    @property
+    def exiting(self) -> bool:
+        return bool(self.flags & PF_EXITING) or self.state in ("Z", "X")
+
+
+def stat(tid: int) -> Stat | None:
+    """Parse /proc/TID/stat, or None if the task is gone."""
+    try:
+        with open(f"/proc/{tid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2 :].split()
+    # fields[0] is field 3 of proc(5).
+    return Stat(
+        state=fields[0].decode(),
+        ppid=int(fields[1]),
+        start=int(fields[19]),
+        flags=int(fields[6]),
+        exit_code=int(fields[49]) if len(fields) > 49 else 0,
+    )
+
+
+def tgid(tid: int) -> int:
+    """The process (thread group) a thread belongs to; `tid` itself if unknown."""
+    try:
+        with open(f"/proc/{tid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line[5:])
+    except OSError:
+        pass
+    return tid
+
+
+def abnormal(exit_code: int) -> bool:
+    """Killed by a signal, or exited with a non-zero status."""
+    return exit_code != 0
+
+
+def killed_by_signal(exit_code: int) -> bool:
+    return (exit_code & 0x7F) != 0
+
+
+def raise_nofile() -> None:
+    """Allow as many open files as the hard limit (two stream files per agent)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def alive(pid: int, start: int) -> bool:
+    st = stat(pid)
+    return st is not None and st.start == start and st.state not in ("Z", "X")
+
+
+__all__ = ["Stat", "abnormal", "alive", "killed_by_signal", "os", "signal_pending", "stat", "tgid"]

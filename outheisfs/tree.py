@@ -1,0 +1,145 @@
+"""The file tree, declared as one table [SPEC §4].
+
+Every node is a row: its name, its kind and its mode. The root's rows and each
+agent's rows are fixed; agents come and go, and each gets a block of inode
+numbers that is never reused within a mount, so the kernel never confuses an
+old agent's files with a new one's.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+from enum import Enum
+
+ROOT_INODE = 1
+
+
+class Kind(Enum):
+    ROOT = "root"
+    AGENTS = "agents"
+    VAULT = "vault"
+    AGENT = "agent"  # agents/NAME/
+    ROOT_CTL = "root ctl"
+    ROOT_LOG = "root log"
+    INBOX = "inbox"
+    OUTBOX = "outbox"
+    CTL = "ctl"
+    LOG = "log"
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    name: str
+    kind: Kind
+    mode: int  # permission bits; S_IFDIR or S_IFREG is added from `is_dir`
+    is_dir: bool = False
+    # Open files of this kind bypass the page cache: their content changes
+    # behind the kernel's back (growing logs, status) or is a stream (inbox).
+    direct_io: bool = True
+    # Offsets mean nothing to a queue: reads take the next message wherever the
+    # file offset is. lseek still succeeds (GNU head and bash seek by 0 at the
+    # end of a line, and a failing lseek makes head complain).
+    stream: bool = False
+
+    @property
+    def readable(self) -> bool:
+        return bool(self.mode & 0o444)
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.mode & 0o222)
+
+    @property
+    def st_mode(self) -> int:
+        return (stat.S_IFDIR if self.is_dir else stat.S_IFREG) | self.mode
+
+
+ROOT = Row("", Kind.ROOT, 0o755, is_dir=True)
+ROOT_ROWS = (
+    Row("ctl", Kind.ROOT_CTL, 0o440),
+    Row("log", Kind.ROOT_LOG, 0o440),
+    Row("agents", Kind.AGENTS, 0o770, is_dir=True),
+    Row("vault", Kind.VAULT, 0o550, is_dir=True),
+)
+AGENT = Row("", Kind.AGENT, 0o550, is_dir=True)
+AGENT_ROWS = (
+    Row("inbox", Kind.INBOX, 0o660, stream=True),
+    Row("outbox", Kind.OUTBOX, 0o660),
+    Row("ctl", Kind.CTL, 0o660),
+    Row("log", Kind.LOG, 0o440),
+)
+
+_FIXED = {ROOT_INODE: ROOT} | {ROOT_INODE + 1 + i: row for i, row in enumerate(ROOT_ROWS)}
+_ROOT_BY_NAME = {row.name: ROOT_INODE + 1 + i for i, row in enumerate(ROOT_ROWS)}
+_AGENT_BY_NAME = {row.name: i + 1 for i, row in enumerate(AGENT_ROWS)}
+AGENTS_INODE = _ROOT_BY_NAME["agents"]
+BLOCK = 8  # inodes per agent: the directory, then its rows
+FIRST_AGENT = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Node:
+    inode: int
+    row: Row
+    agent: str | None = None
+
+
+class Tree:
+    """Maps inode numbers to nodes and names to inode numbers."""
+
+    def __init__(self) -> None:
+        self._slots: dict[str, int] = {}  # agent name -> block number
+        self._names: dict[int, str] = {}  # block number -> agent name
+        self._next = 0
+
+    def add_agent(self, name: str) -> int:
+        block = self._slots.get(name)
+        if block is None:
+            block = self._next
+            self._next += 1
+            self._slots[name] = block
+            self._names[block] = name
+        return FIRST_AGENT + block * BLOCK
+
+    def remove_agent(self, name: str) -> None:
+        block = self._slots.pop(name, None)
+        if block is not None:
+            del self._names[block]
+
+    def agent_inode(self, name: str) -> int | None:
+        block = self._slots.get(name)
+        return None if block is None else FIRST_AGENT + block * BLOCK
+
+    def node(self, inode: int) -> Node | None:
+        row = _FIXED.get(inode)
+        if row is not None:
+            return Node(inode, row)
+        if inode < FIRST_AGENT:
+            return None
+        block, index = divmod(inode - FIRST_AGENT, BLOCK)
+        name = self._names.get(block)
+        if name is None or index > len(AGENT_ROWS):
+            return None
+        return Node(inode, AGENT if index == 0 else AGENT_ROWS[index - 1], name)
+
+    def lookup(self, parent: Node, name: str) -> int | None:
+        kind = parent.row.kind
+        if kind is Kind.ROOT:
+            return _ROOT_BY_NAME.get(name)
+        if kind is Kind.AGENTS:
+            return self.agent_inode(name)
+        if kind is Kind.AGENT and parent.agent is not None:
+            index = _AGENT_BY_NAME.get(name)
+            return None if index is None else parent.inode + index
+        return None
+
+    def children(self, parent: Node, agents: list[str]) -> list[tuple[str, int]]:
+        kind = parent.row.kind
+        if kind is Kind.ROOT:
+            return sorted(_ROOT_BY_NAME.items(), key=lambda kv: kv[1])
+        if kind is Kind.AGENTS:
+            return [(a, self.add_agent(a)) for a in agents]
+        if kind is Kind.AGENT:
+            return [(row.name, parent.inode + i + 1) for i, row in enumerate(AGENT_ROWS)]
+        return []
