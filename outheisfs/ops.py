@@ -398,7 +398,7 @@ class Operations(pyfuse3.Operations):
             if lines:
                 await self._write_lines(h, lines)
         except OutheisError as e:
-            h.lines.reset()
+            h.lines.failed(e)
             self._error(h.who, h.path, e)
             raise
         return len(buf)
