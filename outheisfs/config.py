@@ -28,7 +28,7 @@ def valid_name(name: str) -> bool:
 
 
 class AgentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     command: list[str] | None = None
     priority: Priority = "normal"
@@ -59,7 +59,7 @@ class AgentConfig(BaseModel):
 class Config(BaseModel):
     """The whole file. Limits beyond SPEC §3 have the defaults the spec names."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     durability: Durability = "process"
     max_queue: int = Field(default=10_000, ge=1)
@@ -70,18 +70,16 @@ class Config(BaseModel):
     vault: dict[str, str] = Field(default_factory=dict)
     home: Path = Field(default=Path("."), exclude=True)
 
-    @field_validator("agents")
-    @classmethod
-    def _agents(cls, v: dict[str, AgentConfig]) -> dict[str, AgentConfig]:
-        for name, agent in v.items():
+    def check_names(self) -> None:
+        for name, agent in self.agents.items():
             if name == "user":
-                raise ValueError("'user' is reserved for the operator")
+                raise ConfigError(f"agents.{name}: 'user' is reserved for the operator")
             if not valid_name(name):
-                raise ValueError(f"agent name {name!r} must match {NAME_RE.pattern}")
+                raise ConfigError(f"agents.{name}: agent name must match {NAME_RE.pattern}")
             for target in agent.send:
-                if target != "*" and target != "user" and target not in v:
-                    raise ValueError(f"agents.{name}.send names unknown agent {target!r}")
-        return v
+                if target != "*" and target != "user" and target not in self.agents:
+                    raise ConfigError(f"agents.{name}.send: unknown agent {target!r}")
+        self.check_vault()
 
     def check_vault(self) -> None:
         for domain, owner in self.vault.items():
@@ -111,7 +109,7 @@ def parse_config(text: str, home: Path, source: str = "config") -> Config:
             msg = "unknown key"
         raise ConfigError(f"{source}: {key}: {msg}") from None
     try:
-        config.check_vault()
+        config.check_names()
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return config

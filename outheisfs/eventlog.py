@@ -35,7 +35,7 @@ from .models import dumps, now
 
 Event = dict[str, Any]
 MAIN = "events.jsonl"
-COMPLETE = ".complete"  # in streams/: every stream holds all events up to this seq
+COMPLETE = ".complete"  # in streams/: the seq all streams hold, and their sizes then
 
 
 def concerned(ev: Event) -> set[str]:
@@ -164,9 +164,17 @@ class EventLog:
         """Open the stream files; return the seq up to which all of them are complete."""
         marker = self.state / "streams" / COMPLETE
         try:
-            low = min(int(marker.read_text()), main_last)
-        except (OSError, ValueError):
-            low = 0
+            meta = json.loads(marker.read_text())
+            low = min(int(meta["seq"]), main_last)
+            sizes: dict[str, int] = meta["sizes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            low, sizes = 0, {}
+        for name, size in sizes.items():
+            # Streams only grow: one missing or shorter than at the last clean
+            # close was damaged since, and must be caught up from the start.
+            p = self.state / "streams" / name
+            if not p.exists() or p.stat().st_size < size:
+                low = 0
         for p in (self.state / "streams").iterdir():
             name = p.name
             if name.startswith("."):
@@ -212,8 +220,9 @@ class EventLog:
                 if until is None or expected <= until:
                     apply(ev)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                # A last line that is not even JSON is a write cut short.
-                if last and isinstance(e, ValueError) and _seq_of(raw) is None:
+                # A crash can leave zero bytes at the end (a file extended before its
+                # data reached the disk); anything else in a full line is damage.
+                if last and not raw.rstrip(b"\n").strip(b"\0"):
                     report.torn = (offset, len(raw))
                     break
                 raise LogDamaged(
@@ -358,7 +367,7 @@ class EventLog:
             if not self._stale and not self._broken:
                 marker = self.state / "streams" / COMPLETE
                 tmp = marker.with_suffix(".tmp")
-                tmp.write_text(str(self.seq))
+                tmp.write_text(json.dumps({"seq": self.seq, "sizes": self._stream_size}))
                 os.replace(tmp, marker)
         finally:
             os.close(self._fd)

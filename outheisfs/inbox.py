@@ -45,7 +45,7 @@ class Inbox:
             msg = self._head(heap)
             if msg is None:
                 continue
-            key = (max(0, rank - int((now - msg.t) // self.aging)), msg.seq)
+            key = (max(0, rank - int(max(0.0, now - msg.t) // self.aging)), msg.seq)
             if key < best_key:
                 best, best_key = msg, key
         return best

@@ -165,8 +165,6 @@ def parse_line(line: bytes, outbox: bool) -> Draft:
         text = line.decode()
     except UnicodeDecodeError:
         raise BadInput("line is not UTF-8 text") from None
-    if not text.strip():
-        raise BadInput("empty line is not a message")
     if text.lstrip().startswith("{"):
         try:
             obj = json.loads(text)

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 SIGNAL_POLL = 0.1  # seconds between looks at a parked caller's pending signals
 CLOSE_GRACE = 0.5  # seconds a reader that closed may still fail its message
-QUIET = {errno.EAGAIN, errno.EINTR}  # refusals that are normal, not `error` events
+QUIET = {errno.EINTR}  # a refusal that is normal, not an `error` event
 XATTR_PID = b"user.outheisfs.pid"
 
 P = ParamSpec("P")

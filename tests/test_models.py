@@ -1,0 +1,200 @@
+"""Messages: parsing what writers send, ids, and the line a reader gets [SPEC §4.1, §4.2]."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from outheisfs.errors import BadInput
+from outheisfs.models import Draft, Message, is_id, new_id, now, parse_line, parse_ts
+
+FIELDS = ["id", "seq", "from", "to", "ts", "priority", "body", "reply_to", "attempt"]
+
+
+def bad(line: bytes, outbox: bool = False) -> str:
+    with pytest.raises(BadInput) as e:
+        parse_line(line, outbox)
+    return e.value.reason
+
+
+# -- plain text ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "body"),
+    [
+        (b"hello", "hello"),
+        (b"hello world  ", "hello world  "),
+        ("grüße ☃".encode(), "grüße ☃"),
+        (b"{bad json", "{bad json"),
+        (b'{"body": 1', '{"body": 1'),
+        (b"[1, 2]", "[1, 2]"),
+        (b'"quoted"', '"quoted"'),
+        (b"42", "42"),
+        (b"null", "null"),
+        (b"tab\there", "tab\there"),
+    ],
+)
+def test_plain_text_is_the_body(line: bytes, body: str) -> None:
+    for outbox in (False, True):
+        d = parse_line(line, outbox)
+        assert d == Draft(body=body)
+
+
+def test_crlf_line_end_is_stripped() -> None:
+    assert parse_line(b"hello\r", False).body == "hello"
+    d = parse_line(b'{"body": "x", "priority": "background"}\r', False)
+    assert (d.body, d.priority) == ("x", "background")
+
+
+def test_empty_line_is_an_empty_plain_text_body() -> None:
+    # SPEC §4.2: each line is one message; any line that is not a JSON object
+    # is a plain-text body, the empty line included.
+    assert parse_line(b"", False).body == ""
+    assert parse_line(b"\r", False).body == ""
+    assert parse_line(b"   ", False).body == "   "
+
+
+def test_not_utf8_refused() -> None:
+    assert "UTF-8" in bad(b"caf\xe9")
+    bad(b"\xff\xfe")
+    bad(b'{"body": "\xff"}')
+
+
+# -- envelopes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body", [None, 0, 1.5, "text", "", [1, "a"], {"nested": {"x": [None]}}, True]
+)
+def test_envelope_body_any_json(body: object) -> None:
+    line = json.dumps({"body": body}).encode()
+    d = parse_line(line, False)
+    assert d.body == body and type(d.body) is type(body)
+    assert d.priority is None and d.reply_to is None and d.to is None
+
+
+def test_envelope_requires_body() -> None:
+    assert "body" in bad(b'{"priority": "normal"}')
+    bad(b"{}")
+    bad(b'{"text": "hi"}')
+
+
+@pytest.mark.parametrize("prio", ["interactive", "normal", "background"])
+def test_envelope_priority(prio: str) -> None:
+    assert parse_line(json.dumps({"body": 1, "priority": prio}).encode(), False).priority == prio
+
+
+@pytest.mark.parametrize("prio", ["urgent", "", 1, "Normal"])
+def test_envelope_bad_priority(prio: object) -> None:
+    assert "priority" in bad(json.dumps({"body": 1, "priority": prio}).encode())
+
+
+def test_envelope_reply_to_must_be_an_id() -> None:
+    mid = new_id()
+    assert parse_line(json.dumps({"body": 1, "reply_to": mid}).encode(), True).reply_to == mid
+    assert parse_line(b'{"body": 1, "reply_to": null}', True).reply_to is None
+    for wrong in ["abc", mid.lower(), mid + "0", 12, ""]:
+        assert "reply_to" in bad(json.dumps({"body": 1, "reply_to": wrong}).encode())
+
+
+def test_envelope_to_only_on_outbox() -> None:
+    line = b'{"body": "x", "to": "echo"}'
+    assert "to" in bad(line, outbox=False)
+    assert parse_line(line, outbox=True).to == ["echo"]
+    d = parse_line(b'{"body": "x", "to": ["a", "user", "b.c"]}', True)
+    assert d.to == ["a", "user", "b.c"]
+
+
+@pytest.mark.parametrize("to", [[], "Bad", ["ok", "no way"], 3, ""])
+def test_envelope_bad_to(to: object) -> None:
+    assert "to" in bad(json.dumps({"body": 1, "to": to}).encode(), outbox=True)
+
+
+@pytest.mark.parametrize("field", ["from", "id", "seq", "attempt", "ts", "bogus"])
+def test_envelope_unknown_field_named(field: str) -> None:
+    for outbox in (False, True):
+        reason = bad(json.dumps({"body": 1, field: "user"}).encode(), outbox)
+        assert field in reason
+
+
+def test_envelope_with_leading_space_and_crlf() -> None:
+    d = parse_line(b'  {"body": {"k": 1}, "priority": "interactive"}\r', False)
+    assert d.body == {"k": 1} and d.priority == "interactive"
+
+
+# -- ids and timestamps --------------------------------------------------------------
+
+
+def test_new_id_unique_and_sorted() -> None:
+    ids = [new_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids), "ids sort in the order they were made"
+    assert all(is_id(i) for i in ids[:100])
+
+
+def test_new_id_sorted_across_milliseconds() -> None:
+    ids = []
+    for _ in range(5):
+        ids += [new_id() for _ in range(50)]
+        time.sleep(0.002)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+def test_is_id() -> None:
+    assert is_id(new_id())
+    assert not is_id("x" * 26)
+    assert not is_id(None)
+    assert not is_id(new_id()[:-1])
+
+
+def test_now_is_iso_utc_with_microseconds() -> None:
+    t, ts = now()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", ts)
+    assert abs(parse_ts(ts) - t) < 1e-5
+    assert abs(t - time.time()) < 5
+
+
+# -- what a reader gets --------------------------------------------------------------
+
+
+def test_message_line() -> None:
+    mid, rid = new_id(), new_id()
+    m = Message(
+        id=mid,
+        seq=17,
+        sender="user",
+        to="echo",
+        ts="2026-11-26T19:30:00.123456Z",
+        t=0.0,
+        priority="normal",
+        body={"text": "two\nlines", "snow": "☃"},
+        reply_to=rid,
+        delivered=2,
+    )
+    line = m.line()
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    obj = json.loads(line)
+    assert list(obj) == FIELDS
+    assert obj == {
+        "id": mid,
+        "seq": 17,
+        "from": "user",
+        "to": "echo",
+        "ts": "2026-11-26T19:30:00.123456Z",
+        "priority": "normal",
+        "body": {"text": "two\nlines", "snow": "☃"},
+        "reply_to": rid,
+        "attempt": 2,
+    }
+    assert "☃".encode() in line  # UTF-8, readable by people
+
+
+def test_message_line_plain_body() -> None:
+    m = Message(new_id(), 1, "a", "b", "2026-01-01T00:00:00.000000Z", 0.0, "background", "x", None)
+    m.delivered = 1
+    obj = json.loads(m.line())
+    assert obj["body"] == "x" and obj["reply_to"] is None and obj["attempt"] == 1
