@@ -31,7 +31,6 @@ def build_parser() -> Parser:
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--durability", choices=["process", "disk"])
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    m.add_argument("--debug", action="store_true", help="log every request to stderr")
 
     u = sub.add_parser("umount", help="stop the server and unmount")
     u.add_argument("mountpoint", nargs="?", default="mount")
@@ -89,9 +88,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
             argv += ["--config", str(args.config.absolute())]
         elif Path("outheis.toml").exists():
             argv += ["--config", str(Path("outheis.toml").absolute())]
-        return mount.start_background(argv, state)
+        try:
+            return mount.start_background(argv, state)
+        except OSError as e:
+            print(f"outheisfs: state folder {state}: {e.strerror}", file=sys.stderr)
+            return 1
     logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
+        level=logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     opts = mount.Options(config=config, mountpoint=mp, state=state, durability=durability)

@@ -66,6 +66,7 @@ class Config(BaseModel):
     max_message: int = Field(default=1 << 20, ge=64)
     max_attempts: int = Field(default=5, ge=1)
     aging: float = Field(default=10.0, gt=0)
+    stop_grace: float = Field(default=5.0, ge=0)
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     vault: dict[str, str] = Field(default_factory=dict)
     home: Path = Field(default=Path("."), exclude=True)
@@ -99,6 +100,8 @@ def parse_config(text: str, home: Path, source: str = "config") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    if "home" in raw:
+        raise ConfigError(f"{source}: home: unknown key")
     try:
         config = Config.model_validate({**raw, "home": home})
     except ValidationError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import procinfo
 from .config import PRIORITIES
 from .dispatcher import Agent, Dispatcher
 from .errors import BadInput
@@ -18,8 +19,10 @@ COMMANDS: dict[str, tuple[int, int, str]] = {
     "restart": (0, 0, "restart"),
     "kill": (0, 0, "kill"),
     "unveil": (2, 2, "unveil PATH r|w|rw|-"),
+    "bind": (0, 0, "bind"),
 }
 SUPERVISOR = {"start", "stop", "restart", "kill"}
+OPERATOR = SUPERVISOR | {"priority", "bind"}  # commands only the operator may give
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +52,12 @@ def parse(line: str) -> Command:
     return Command(name, args)
 
 
+def pids(agent: Agent) -> str:
+    """Supervised processes, or else the live processes bound by `outheisfs run`."""
+    live = agent.pids or sorted(p for p in agent.bound if procinfo.stat(p) is not None)
+    return ",".join(map(str, live)) or "-"
+
+
 def agent_status(agent: Agent) -> str:
     ac = agent.config
     send = ",".join(ac.send) if ac and ac.send else "-"
@@ -56,7 +65,7 @@ def agent_status(agent: Agent) -> str:
     rows = [
         ("name", agent.name),
         ("state", agent.state),
-        ("pid", ",".join(map(str, agent.pids)) or "-"),
+        ("pid", pids(agent)),
         ("priority", agent.priority),
         ("restart", ac.restart if ac else "-"),
         ("restarts", str(agent.restarts)),
@@ -81,6 +90,5 @@ def agent_status(agent: Agent) -> str:
 def root_status(d: Dispatcher) -> str:
     """One line per agent: NAME STATE PID PRIORITY QUEUED."""
     return "".join(
-        f"{a.name} {a.state} {','.join(map(str, a.pids)) or '-'} {a.priority} {a.queued}\n"
-        for a in d.agents.values()
+        f"{a.name} {a.state} {pids(a)} {a.priority} {a.queued}\n" for a in d.agents.values()
     )

@@ -36,7 +36,9 @@ class Agent:
     dead: int = 0
     restarts: int = 0
     state: str = "external"
-    pids: list[int] = field(default_factory=list)
+    origin: str = "config"  # config | mkdir | message (created by a message to it)
+    pids: list[int] = field(default_factory=list)  # supervised processes
+    bound: set[int] = field(default_factory=set)  # processes bound by `outheisfs run`
     # Woken when a message arrives / when room frees up.
     arrived: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     room: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
@@ -60,17 +62,27 @@ class Dispatcher:
         self.agents: dict[str, Agent] = {}
         self.messages: dict[str, Message] = {}  # pending: queued or in flight
         self.seq = 0
-        self._add(USER, None)
-        for name, ac in config.agents.items():
-            self._add(name, ac)
+        self._add(USER, None, "builtin")
+        self.install_config()
 
-    def _add(self, name: str, ac: AgentConfig | None) -> Agent:
+    def install_config(self) -> None:
+        """The agents of the config in force, with their settings (again after replay,
+        which may have brought back or retired agents of older configs)."""
+        for name, ac in self.config.agents.items():
+            agent = self.agents.get(name) or self._add(name, ac, "config")
+            agent.config = ac
+            agent.origin = "config"
+            agent.priority = ac.priority
+            agent.state = "stopped" if ac.command else "external"
+
+    def _add(self, name: str, ac: AgentConfig | None, origin: str) -> Agent:
         agent = Agent(
             name=name,
             config=ac,
             priority=ac.priority if ac else "normal",
             inbox=Inbox(self.config.aging),
             state="stopped" if ac and ac.command else "external",
+            origin=origin,
         )
         self.agents[name] = agent
         return agent
@@ -89,7 +101,7 @@ class Dispatcher:
         kind = ev["type"]
         if kind == "message":
             to = ev["to"]
-            agent = self.agents.get(to) or self._add(to, None)
+            agent = self.agents.get(to) or self._add(to, None, "message")
             msg = Message(
                 id=ev["id"],
                 seq=ev["seq"],
@@ -129,13 +141,22 @@ class Dispatcher:
             agent.dead += 1
         elif kind == "agent":
             if ev["op"] == "create":
-                self._add(ev["agent"], None)
+                if ev["agent"] not in self.agents:
+                    self._add(ev["agent"], None, "mkdir")
             else:
                 self.agents.pop(ev["agent"], None)
         elif kind == "mount":
             # The agents of the config in force; a mount resets their priorities.
-            for name, prio in ev.get("agents", {}).items():
-                agent = self.agents.get(name) or self._add(name, None)
+            # Agents of an older config that are gone from this one, and hold no
+            # message, leave.
+            current = ev.get("agents", {})
+            for name, agent in list(self.agents.items()):
+                idle = not agent.queued and not agent.inflight
+                if agent.origin == "config" and name not in current and idle:
+                    del self.agents[name]
+            for name, prio in current.items():
+                agent = self.agents.get(name) or self._add(name, None, "config")
+                agent.origin = "config"
                 agent.priority = prio
         elif kind == "ctl":
             words = ev["command"].split()

@@ -258,6 +258,8 @@ class EventLog:
             full.update(ev)
             out.append(full)
             lines.append(dumps(full))
+        if not lines:
+            return out
         data = ("\n".join(lines) + "\n").encode()
         self._write_all(data)
         self.seq = seq

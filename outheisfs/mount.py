@@ -27,8 +27,9 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .errors import LogDamaged
 from .eventlog import EventLog
-from .exitwatch import ExitWatch
 from .ops import XATTR_PID, Operations
+from .procevents import ProcEvents
+from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 MAX_TASKS = 10_000  # each parked read or write holds one pyfuse3 worker task
@@ -126,6 +127,7 @@ async def serve(opts: Options, ready: Ready) -> None:
         report = elog.open(d.apply)
     except LogDamaged as e:
         raise MountError(f"event log refused: {e}") from None
+    d.install_config()
     if report.torn:
         offset, size = report.torn
         d.note(
@@ -149,8 +151,12 @@ async def serve(opts: Options, ready: Ready) -> None:
         ]
     )
     d.requeue_inflight()
-    exits = ExitWatch()
-    ops = Operations(d, elog, exits)
+    procs = ProcEvents()
+    ops = Operations(d, elog, procs)
+    supervisor = Supervisor(
+        d, procs, opts.mountpoint, opts.state, opts.config.home, opts.config.stop_grace
+    )
+    ops.supervisor = supervisor
     options = {"fsname=outheisfs", "subtype=outheisfs", "noatime"}
     if os.geteuid() == 0:
         options.add("allow_other")
@@ -159,7 +165,6 @@ async def serve(opts: Options, ready: Ready) -> None:
     except RuntimeError as e:
         elog.close()
         raise MountError(f"cannot mount {opts.mountpoint}: {e}") from None
-    mounted = True
     try:
         async with trio.open_nursery() as nursery:
             ops.nursery = nursery
@@ -169,20 +174,22 @@ async def serve(opts: Options, ready: Ready) -> None:
                 nursery.cancel_scope.cancel()  # unmounted from outside
 
             nursery.start_soon(fuse_main)
-            await nursery.start(exits.run)
+            await nursery.start(procs.run)
             await trio.to_thread.run_sync(os.stat, opts.mountpoint / "ctl")
-            ready.ok()
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                await nursery.start(supervisor.run)
+                ready.ok()
                 async for signum in sigs:
                     log.info("signal %d: shutting down", signum)
                     break
+            # Agents go first, while the mount still answers them.
+            await supervisor.shutdown()
             nursery.cancel_scope.cancel()
     finally:
         ops.settle_all()
         d.note({"type": "umount", "mountpoint": str(opts.mountpoint)})
         elog.close()
-        if mounted:
-            pyfuse3.close(unmount=True)
+        pyfuse3.close(unmount=True)
         os.close(lock_fd)
 
 

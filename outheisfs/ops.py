@@ -14,7 +14,7 @@ import os
 import select
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
@@ -22,11 +22,20 @@ import trio
 
 from . import ctl, procinfo
 from .dispatcher import USER, Dispatcher
-from .errors import BadInput, Interrupted, NotFound, NotPermitted, OutheisError, WouldBlock
+from .errors import (
+    BadInput,
+    Interrupted,
+    NoRight,
+    NotFound,
+    NotPermitted,
+    OutheisError,
+    WouldBlock,
+)
 from .eventlog import EventLog
-from .exitwatch import ExitWatch
 from .lines import LineBuffer
 from .models import Message, parse_line
+from .procevents import ProcEvents
+from .supervisor import Supervisor
 from .tree import AGENTS_INODE, ROOT_INODE, Kind, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -79,7 +88,6 @@ class Handle:
     snapshot: bytes | None = None  # ctl: status as of open
     poll: Any = None
     dropped: bool = False  # writer killed by a signal: its unterminated line is void
-    settled: bool = field(default=False)
 
     @property
     def path(self) -> str:
@@ -101,11 +109,12 @@ class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, dispatcher: Dispatcher, log_: EventLog, exits: ExitWatch) -> None:
+    def __init__(self, dispatcher: Dispatcher, log_: EventLog, procs: ProcEvents) -> None:
         super().__init__()
         self.d = dispatcher
         self.log = log_
-        self.exits = exits
+        self.procs = procs
+        self.supervisor: Supervisor | None = None
         self.tree = Tree()
         for name in dispatcher.agents:
             self.tree.add_agent(name)
@@ -120,9 +129,11 @@ class Operations(pyfuse3.Operations):
     # -- identity -----------------------------------------------------------------------
 
     def who(self, ctx: pyfuse3.RequestContext) -> str:
-        """The agent a request acts for. Every process is the operator until
-        agent processes exist (supervisor, `outheisfs run`)."""
-        return USER
+        """The agent a request acts for: the label of the calling process, given
+        to it (or an ancestor) by the supervisor or `outheisfs run`; a process
+        that is no agent's is the operator."""
+        label = self.procs.label_of(ctx.pid)
+        return USER if label is None else label.split("#", 1)[0]
 
     def _error(self, who: str, where: str, e: OutheisError) -> None:
         if e.errno not in QUIET:
@@ -355,9 +366,16 @@ class Operations(pyfuse3.Operations):
         write = acc in (os.O_WRONLY, os.O_RDWR)
         if (read and not row.readable) or (write and not row.writable):
             raise pyfuse3.FUSEError(errno.EACCES)
+        who = self.who(ctx)
+        # Another agent's inbox may only be written to, its outbox only read.
+        foreign = who not in (USER, node.agent)
+        if foreign and ((row.kind is Kind.INBOX and read) or (row.kind is Kind.OUTBOX and write)):
+            verb = "read" if read else "write"
+            self._error(who, path_of(node), NoRight(f"{who} may not {verb} this file"))
+            raise pyfuse3.FUSEError(errno.EACCES)
         h = Handle(
             node=node,
-            who=self.who(ctx),
+            who=who,
             tid=ctx.pid,
             read=read,
             write=write,
@@ -405,7 +423,7 @@ class Operations(pyfuse3.Operations):
 
     async def _write_lines(self, h: Handle, lines: list[bytes]) -> None:
         if h.node.row.kind is Kind.CTL:
-            self._run_ctl(h, lines)
+            await self._run_ctl(h, lines)
         else:
             await self._send(h, lines)
 
@@ -547,7 +565,7 @@ class Operations(pyfuse3.Operations):
         """A reader closed its inbox while alive: the message counts as handled
         unless the process now fails (exits non-zero or is killed) within the grace."""
         try:
-            code = await self.exits.wait(pid, start, CLOSE_GRACE)
+            code = await self.procs.wait(pid, start, CLOSE_GRACE)
         finally:
             self.settling.discard(msg)
         if code is not None and procinfo.abnormal(code):
@@ -580,29 +598,46 @@ class Operations(pyfuse3.Operations):
 
     # -- ctl ----------------------------------------------------------------------------
 
-    def _run_ctl(self, h: Handle, lines: list[bytes]) -> None:
+    async def _run_ctl(self, h: Handle, lines: list[bytes]) -> None:
         name = cast(str, h.node.agent)
         try:
             commands = [ctl.parse(line.decode()) for line in lines if line.strip()]
         except UnicodeDecodeError:
             raise BadInput("command is not UTF-8 text") from None
+        for cmd in commands:  # all or nothing: every command is checked first
+            self._check_ctl(h, name, cmd)
         for cmd in commands:
-            self._ctl_command(h, name, cmd)
+            await self._ctl_command(h, name, cmd)
 
-    def _ctl_command(self, h: Handle, name: str, cmd: ctl.Command) -> None:
+    def _check_ctl(self, h: Handle, name: str, cmd: ctl.Command) -> None:
         who = h.who
+        if cmd.name in ctl.OPERATOR and who != USER:
+            raise NotPermitted(f"{cmd.name}: only the operator may do this")
         if cmd.name in ctl.SUPERVISOR:
-            raise BadInput(f"{cmd.name}: this server does not supervise processes yet")
-        if cmd.name == "unveil":
+            assert self.supervisor is not None
+            self.supervisor._runner(name)  # an agent without a command: EINVAL
+        elif cmd.name == "unveil":
             raise BadInput("unveil: per-agent views are not enforced by this server yet")
-        if cmd.name == "priority" and who != USER:
-            raise NotPermitted("only the operator sets priorities")
-        if cmd.name == "ack" and who not in (name, USER):
-            raise NotPermitted(f"only {name} and the operator acknowledge its messages")
-        if cmd.name == "ack" and cmd.args and cmd.args[0] not in self.d.agents[name].inflight:
-            raise BadInput(f"ack: {cmd.args[0]} is not in flight for {name}")
+        elif cmd.name == "ack":
+            if who not in (name, USER):
+                raise NotPermitted(f"only {name} and the operator acknowledge its messages")
+            if cmd.args and cmd.args[0] not in self.d.agents[name].inflight:
+                raise BadInput(f"ack: {cmd.args[0]} is not in flight for {name}")
+
+    async def _ctl_command(self, h: Handle, name: str, cmd: ctl.Command) -> None:
+        who = h.who
+        if cmd.name == "bind":
+            if not h.pid:
+                self._learn_opener(h)
+            self.d.record([{"type": "ctl", "agent": name, "who": who, "command": f"bind {h.pid}"}])
+            self.procs.label(h.pid, name)
+            self.d.agents[name].bound.add(h.pid)
+            return
         self.d.record([{"type": "ctl", "agent": name, "who": who, "command": str(cmd)}])
-        if cmd.name == "ack":
+        if cmd.name in ctl.SUPERVISOR:
+            assert self.supervisor is not None
+            await getattr(self.supervisor, cmd.name)(name)
+        elif cmd.name == "ack":
             for hd in self.handles.values():
                 if (
                     hd.msg is not None

@@ -92,9 +92,4 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def alive(pid: int, start: int) -> bool:
-    st = stat(pid)
-    return st is not None and st.start == start and st.state not in ("Z", "X")
-
-
-__all__ = ["Stat", "abnormal", "alive", "killed_by_signal", "os", "signal_pending", "stat", "tgid"]
+__all__ = ["Stat", "abnormal", "killed_by_signal", "os", "signal_pending", "stat", "tgid"]

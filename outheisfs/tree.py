@@ -37,10 +37,6 @@ class Row:
     # Open files of this kind bypass the page cache: their content changes
     # behind the kernel's back (growing logs, status) or is a stream (inbox).
     direct_io: bool = True
-    # Offsets mean nothing to a queue: reads take the next message wherever the
-    # file offset is. lseek still succeeds (GNU head and bash seek by 0 at the
-    # end of a line, and a failing lseek makes head complain).
-    stream: bool = False
 
     @property
     def readable(self) -> bool:
@@ -64,7 +60,10 @@ ROOT_ROWS = (
 )
 AGENT = Row("", Kind.AGENT, 0o550, is_dir=True)
 AGENT_ROWS = (
-    Row("inbox", Kind.INBOX, 0o660, stream=True),
+    # inbox: offsets mean nothing to a queue, reads take the next message wherever
+    # the file offset is; lseek still succeeds (GNU head and bash seek by 0 at the
+    # end of a line, and a failing lseek makes head complain).
+    Row("inbox", Kind.INBOX, 0o660),
     Row("outbox", Kind.OUTBOX, 0o660),
     Row("ctl", Kind.CTL, 0o660),
     Row("log", Kind.LOG, 0o440),

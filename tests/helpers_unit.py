@@ -64,6 +64,7 @@ def open_dispatcher(state: Path, config: Config | None = None) -> tuple[Dispatch
     log = EventLog(state, config.durability)
     d = Dispatcher(config, log)
     log.open(d.apply)
+    d.install_config()
     return d, log
 
 
@@ -157,7 +158,7 @@ def fake_readdir_reply(token: Token, name: bytes, attr: Any, next_id: int) -> bo
 
 @dataclass
 class OpsEnv:
-    """Dispatcher + EventLog + ExitWatch + Operations, wired as mount.serve wires them."""
+    """Dispatcher + EventLog + ProcEvents + Operations, wired as mount.serve wires them."""
 
     state: Path
     config: Config
@@ -202,10 +203,10 @@ class OpsEnv:
 
 
 def make_ops_env(state: Path, config: Config | None = None) -> OpsEnv:
-    from outheisfs.exitwatch import ExitWatch
     from outheisfs.ops import Operations
+    from outheisfs.procevents import ProcEvents
 
     config = config or make_config({"echo": {}})
     d, log = open_dispatcher(state, config)
-    ops = Operations(d, log, ExitWatch())
+    ops = Operations(d, log, ProcEvents())
     return OpsEnv(state, config, d, log, ops, Ctx())

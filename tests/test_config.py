@@ -241,3 +241,7 @@ def test_load_config_missing_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(tmp_path / "nope.toml")
     assert "nope.toml" in str(e.value)
+
+
+def test_home_is_not_a_key() -> None:
+    assert "home: unknown key" in refused('home = "/tmp"\n')

@@ -524,3 +524,55 @@ def test_requeue_inflight_after_restart(tmp_path: Path) -> None:
         assert d2.agents["notes"].dead == 1
     finally:
         log2.close()
+
+
+# -- agents across mounts and configs ---------------------------------------------
+
+
+def mount_with(state: Path, agents: dict[str, dict[str, object]]) -> tuple[Dispatcher, EventLog]:
+    """Open the state as `mount` does, with a config holding `agents`, and log the mount."""
+    config = make_config(agents)  # type: ignore[arg-type]
+    d, log = open_dispatcher(state, config)
+    d.record([{"type": "mount", "agents": {n: a.priority for n, a in config.agents.items()}}])
+    return d, log
+
+
+def test_ack_with_nothing_in_flight_writes_nothing(tmp_path: Path) -> None:
+    d, log = open_dispatcher(tmp_path, make_config({"echo": {}}))
+    assert d.ack_all("echo", "user") == 0
+    log.close()
+    _, log2 = open_dispatcher(tmp_path, make_config({"echo": {}}))  # not damaged
+    log2.close()
+
+
+def test_config_agent_removed_once_keeps_its_config(tmp_path: Path) -> None:
+    d, log = mount_with(tmp_path, {"echo": {}})
+    d.rmdir("echo", "user")
+    log.close()
+    d, log = mount_with(tmp_path, {"echo": {"command": ["true"], "restart": "transient"}})
+    assert d.agents["echo"].config is not None
+    assert d.agents["echo"].config.restart == "transient"
+    assert d.agents["echo"].state == "stopped"
+    log.close()
+
+
+def test_agents_of_an_older_config_leave_unless_they_hold_messages(tmp_path: Path) -> None:
+    d, log = mount_with(tmp_path, {"old": {}, "busy": {}})
+    send(d, "user", "busy", "pending")
+    log.close()
+    d, log = mount_with(tmp_path, {"new": {}})
+    assert "old" not in d.agents
+    assert "busy" in d.agents and d.agents["busy"].queued == 1
+    assert "new" in d.agents
+    log.close()
+    again = replayed(tmp_path, Config())
+    assert sorted(again.agents) == sorted(d.agents)
+
+
+def test_mkdir_agent_survives_mounts(tmp_path: Path) -> None:
+    d, log = mount_with(tmp_path, {})
+    d.mkdir("helper", "user")
+    log.close()
+    d, log = mount_with(tmp_path, {})
+    assert "helper" in d.agents
+    log.close()

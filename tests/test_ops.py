@@ -52,6 +52,7 @@ def envs() -> Iterator[list[OpsEnv]]:
     yield made
     for e in made:
         e.log.close()
+        e.ops.procs.close()
 
 
 @pytest.fixture

@@ -1,0 +1,201 @@
+"""Process events: who descends from whom, and how processes end.
+
+Linux's process-events connector (netlink, root only) reports every fork and
+exit on the machine, in order, before the new process can run. From it this
+service keeps:
+
+- labels: which agent a process (or thread) acts as. A process started for an
+  agent is labelled when it is forked; every process it forks afterwards gets
+  the same label, whatever it does later (exec, setsid, double fork, being
+  re-parented). A label dies with its process, so a reused pid starts unlabelled.
+- recent exits with their status, also of processes that are not our children:
+  a reader that closes its inbox and then fails must get its message back.
+
+Requests are attributed after a non-blocking drain of the socket, so a fork the
+kernel reported before the child's first request is always seen. Without the
+connector (not root) labels fall back to walking /proc parents, which loses
+processes re-parented away from their agent; docs/design.md lists the limits.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import trio
+
+from . import procinfo
+
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+PROC_CN_MCAST_LISTEN = 1
+PROC_EVENT_FORK = 0x00000001
+PROC_EVENT_EXIT = 0x80000000
+KEEP = 5.0  # seconds an exit is remembered, for watchers that ask late
+RCVBUF = 8 << 20
+
+
+class ProcEvents:
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._recent: dict[int, tuple[int, float]] = {}  # tgid -> (exit status, when)
+        self._waiters: dict[int, trio.Event] = {}
+        self.labels: dict[int, str] = {}  # tid or tgid -> agent name
+        self._spawning: dict[int, str] = {}  # forking thread id -> label for its children
+        self._lock = threading.Lock()  # _spawning is written from worker threads
+        self.lost = 0  # times the kernel dropped events (ENOBUFS)
+        self._connect()
+
+    @property
+    def exact(self) -> bool:
+        """True when the kernel reports forks and exits (else: /proc fallback)."""
+        return self._sock is not None
+
+    def _connect(self) -> None:
+        try:
+            s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            s.bind((0, CN_IDX_PROC))
+            op = struct.pack("I", PROC_CN_MCAST_LISTEN)
+            cn = struct.pack("IIIIHH", CN_IDX_PROC, 1, 0, 0, len(op), 0) + op
+            s.send(struct.pack("IHHII", 16 + len(cn), 3, 0, 0, 0) + cn)
+            s.setblocking(False)
+            self._sock = s
+        except OSError:
+            self._sock = None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        sock = self._sock
+        if sock is None:
+            await trio.sleep_forever()
+        assert sock is not None
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(sock)
+                self.drain()
+        finally:
+            self._sock = None
+            sock.close()
+
+    def drain(self) -> None:
+        """Take in every event the kernel has queued so far."""
+        while self._sock is not None:
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:  # ENOBUFS: the kernel dropped events
+                self.lost += 1
+                return
+            self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        # nlmsghdr (16) + cn_msg (20) + proc_event header (16) + event data
+        if len(data) < 36 + 16 + 16:
+            return
+        what = struct.unpack_from("I", data, 36)[0]
+        if what == PROC_EVENT_FORK:
+            ppid, ptgid, cpid, ctgid = struct.unpack_from("IIII", data, 52)
+            label = self.labels.get(ppid) or self.labels.get(ptgid)
+            if label is None and self._spawning:
+                with self._lock:
+                    label = self._spawning.get(ppid)
+            if label is not None:
+                self.labels[cpid] = label
+                self.labels[ctgid] = label
+        elif what == PROC_EVENT_EXIT:
+            pid, tgid, code, _sig = struct.unpack_from("IIII", data, 52)
+            self.labels.pop(pid, None)
+            if pid != tgid:
+                return  # a thread; the process ends with its leader
+            now = time.monotonic()
+            self._recent[tgid] = (code, now)
+            ev = self._waiters.pop(tgid, None)
+            if ev is not None:
+                ev.set()
+            if len(self._recent) > 4096:
+                self._recent = {k: v for k, v in self._recent.items() if now - v[1] < KEEP}
+
+    # -- labels -----------------------------------------------------------------------
+
+    @contextmanager
+    def spawning(self, label: str) -> Iterator[None]:
+        """Label every process the current thread forks while inside."""
+        tid = threading.get_native_id()
+        with self._lock:
+            self._spawning[tid] = label
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._spawning.pop(tid, None)
+
+    def label(self, pid: int, label: str) -> None:
+        self.labels[pid] = label
+        self.labels[procinfo.tgid(pid)] = label
+
+    def label_of(self, tid: int) -> str | None:
+        """The agent thread `tid` acts as, or None (not an agent's process)."""
+        self.drain()
+        label = self.labels.get(tid)
+        if label is not None or self._sock is not None:
+            return label
+        # No connector: walk up the parents (loses re-parented orphans).
+        seen = 0
+        pid = tid
+        while pid > 1 and seen < 64:
+            st = procinfo.stat(pid)
+            if st is None:
+                return None
+            pid = st.ppid
+            label = self.labels.get(pid)
+            if label is not None:
+                return label
+            seen += 1
+        return None
+
+    def members(self, label: str) -> set[int]:
+        """Every process (thread group) labelled `label` that still runs."""
+        self.drain()
+        out = set()
+        for pid, lab in list(self.labels.items()):
+            if lab == label and procinfo.tgid(pid) == pid:
+                out.add(pid)
+        return out
+
+    # -- exits ------------------------------------------------------------------------
+
+    async def wait(self, pid: int, start: int, timeout: float) -> int | None:
+        """Exit status of process `pid` (started at `start`) if it ends within
+        `timeout` (or ended lately); None if it is still running then."""
+        deadline = trio.current_time() + timeout
+        while True:
+            self.drain()
+            hit = self._recent.get(pid)
+            if hit is not None and time.monotonic() - hit[1] < KEEP:
+                return hit[0]
+            st = procinfo.stat(pid)
+            if st is None or st.start != start:
+                self.drain()
+                return self._recent.get(pid, (0, 0.0))[0]
+            if st.state in ("Z", "X"):
+                return st.exit_code
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                return None
+            if self._sock is None:
+                await trio.sleep(min(0.02, remaining))
+                continue
+            ev = self._waiters.setdefault(pid, trio.Event())
+            with trio.move_on_after(min(remaining, 0.05)):
+                await ev.wait()

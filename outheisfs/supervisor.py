@@ -1,0 +1,436 @@
+"""The supervisor: agent processes started, watched and restarted like OTP children.
+
+Each agent with a `command` runs `instances` processes. When one exits, the rest
+of its process tree is ended, and the restart policy decides what follows:
+
+    permanent   always restarted
+    transient   restarted only after an abnormal exit (non-zero status or a signal)
+    temporary   never restarted
+
+More than `max_restarts` restarts within `restart_window` seconds mark the agent
+`failed`: nothing starts it again but an operator's `start`. Between restarts
+the supervisor waits a backoff that doubles with each restart in the window.
+
+The server is a child subreaper and reaps every child itself (one SIGCHLD
+loop); process trees are known from `procevents` labels, so a daemonised
+grandchild is ended with its agent too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from . import procinfo
+from .config import AgentConfig
+from .dispatcher import Agent, Dispatcher
+from .errors import BadInput
+from .procevents import ProcEvents
+
+PR_SET_CHILD_SUBREAPER = 36
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+NICE_BACKGROUND = 10
+
+
+# -- the rules, apart from processes (tested with MockClock) ---------------------------
+
+
+def abnormal(status: int) -> bool:
+    return status != 0
+
+
+def should_restart(policy: str, status: int) -> bool:
+    if policy == "permanent":
+        return True
+    if policy == "transient":
+        return abnormal(status)
+    return False
+
+
+class Intensity:
+    """OTP restart intensity: at most `max_restarts` restarts in `window` seconds."""
+
+    def __init__(self, max_restarts: int, window: float) -> None:
+        self.max_restarts = max_restarts
+        self.window = window
+        self._times: deque[float] = deque()
+
+    def _trim(self, now: float) -> None:
+        while self._times and now - self._times[0] > self.window:
+            self._times.popleft()
+
+    def allow(self, now: float) -> bool:
+        """Record a restart at `now` if the intensity allows it."""
+        self._trim(now)
+        if len(self._times) >= self.max_restarts:
+            return False
+        self._times.append(now)
+        return True
+
+    def recent(self, now: float) -> int:
+        self._trim(now)
+        return len(self._times)
+
+    def reset(self) -> None:
+        self._times.clear()
+
+
+def backoff(restarts_in_window: int) -> float:
+    """Delay before a restart: 0.1 s, doubling per restart in the window, at most 5 s."""
+    n = max(1, restarts_in_window)
+    return float(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (n - 1)))
+
+
+def describe(status: int) -> dict[str, int]:
+    if status & 0x7F:
+        return {"signal": status & 0x7F}
+    return {"code": status >> 8}
+
+
+def become_subreaper() -> None:
+    """Orphans of our agents are re-parented to us, not to init."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except OSError:
+        pass
+
+
+# -- processes -------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Instance:
+    index: int
+    label: str
+    pid: int = 0
+    popen: subprocess.Popen[bytes] | None = None
+
+
+@dataclass(eq=False)
+class Runner:
+    """One supervised agent."""
+
+    agent: Agent
+    config: AgentConfig
+    intensity: Intensity
+    instances: dict[int, Instance] = field(default_factory=dict)
+    wanted: bool = True  # the operator wants it running
+    pending: int = 0  # restarts waiting out their backoff
+
+    @property
+    def name(self) -> str:
+        return self.agent.name
+
+
+class Supervisor:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        procs: ProcEvents,
+        mountpoint: Path,
+        state: Path,
+        home: Path,
+        grace: float,
+    ) -> None:
+        self.d = dispatcher
+        self.procs = procs
+        self.mountpoint = mountpoint
+        self.output = state / "output"
+        self.home = home
+        self.grace = grace
+        self.runners: dict[str, Runner] = {}
+        self._by_pid: dict[int, tuple[Runner, Instance]] = {}
+        self._early: dict[int, int] = {}  # reaped before we knew the pid
+        self._nursery: trio.Nursery | None = None
+        self._changed = trio.Event()
+        self.shutting_down = False
+        for name, ac in dispatcher.config.agents.items():
+            if ac.command:
+                agent = dispatcher.agents[name]
+                self.runners[name] = Runner(
+                    agent, ac, Intensity(ac.max_restarts, ac.restart_window)
+                )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        become_subreaper()
+        self.output.mkdir(parents=True, exist_ok=True)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
+                nursery.start_soon(self._reaper, sigchld)
+                for runner in self.runners.values():
+                    await self._start_all(runner)
+                task_status.started()
+                await trio.sleep_forever()
+
+    # -- reaping ----------------------------------------------------------------------
+
+    async def _reaper(self, sigchld: AsyncIterator[int]) -> None:
+        self._reap()
+        async for _ in sigchld:
+            self._reap()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            hit = self._by_pid.pop(pid, None)
+            if hit is None:
+                self._early[pid] = status  # an adopted orphan, or a child not yet registered
+                if len(self._early) > 1024:
+                    self._early.clear()
+                continue
+            runner, inst = hit
+            if inst.popen is not None:
+                inst.popen.returncode = status
+            assert self._nursery is not None
+            self._nursery.start_soon(self._exited, runner, inst, status)
+
+    # -- starting ---------------------------------------------------------------------
+
+    def _command(self, runner: Runner) -> list[str]:
+        cmd = runner.config.command or []
+        return [str((self.home / c).resolve()) if c.startswith(("./", "../")) else c for c in cmd]
+
+    def _env(self, runner: Runner, inst: Instance) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(runner.config.env)
+        env.update(
+            OUTHEIS_AGENT=runner.name,
+            OUTHEIS_MOUNT=str(self.mountpoint),
+            OUTHEIS_HOME=str(self.home),
+            OUTHEIS_INSTANCE=str(inst.index),
+        )
+        return env
+
+    async def _start_all(self, runner: Runner) -> None:
+        runner.wanted = True
+        for index in range(runner.config.instances):
+            if index not in runner.instances:
+                await self._spawn(runner, index)
+
+    async def _spawn(self, runner: Runner, index: int) -> None:
+        name = runner.name
+        inst = Instance(index=index, label=f"{name}#{index}")
+        runner.instances[index] = inst
+        cmd = self._command(runner)
+        env = self._env(runner, inst)
+        cwd = self.mountpoint / "agents" / name
+        out = open(self.output / f"{name}.log", "ab")
+
+        def spawn() -> subprocess.Popen[bytes]:
+            with self.procs.spawning(inst.label):
+                return subprocess.Popen(
+                    cmd,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+
+        try:
+            popen = await trio.to_thread.run_sync(spawn)
+        except OSError as e:
+            out.close()
+            self.d.note(
+                {
+                    "type": "error",
+                    "who": "server",
+                    "where": f"/agents/{name}",
+                    "errno": "ENOEXEC",
+                    "why": f"cannot start {cmd[0]!r}: {e.strerror}",
+                }
+            )
+            del runner.instances[index]
+            self._update(runner)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._exited, runner, inst, 127 << 8)
+            return
+        out.close()
+        inst.popen, inst.pid = popen, popen.pid
+        self.procs.label(popen.pid, inst.label)
+        if runner.agent.priority == "background":
+            try:
+                os.setpriority(os.PRIO_PROCESS, popen.pid, NICE_BACKGROUND)
+            except OSError:
+                pass
+        self.d.note({"type": "start", "agent": name, "pid": popen.pid, "instance": index})
+        early = self._early.pop(popen.pid, None)
+        self._by_pid[popen.pid] = (runner, inst)
+        self._update(runner)
+        if early is not None:
+            self._by_pid.pop(popen.pid, None)
+            assert self._nursery is not None
+            self._nursery.start_soon(self._exited, runner, inst, early)
+
+    def _update(self, runner: Runner) -> None:
+        agent = runner.agent
+        agent.pids = sorted(i.pid for i in runner.instances.values() if i.pid)
+        if agent.pids:
+            agent.state = "running"
+        elif runner.pending:
+            agent.state = "starting"
+        elif agent.state != "failed":
+            agent.state = "stopped"
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- exits and restarts -----------------------------------------------------------
+
+    async def _exited(self, runner: Runner, inst: Instance, status: int) -> None:
+        name = runner.name
+        if runner.instances.get(inst.index) is inst:
+            del runner.instances[inst.index]
+        if inst.pid:
+            self.d.note(
+                {
+                    "type": "exit",
+                    "agent": name,
+                    "pid": inst.pid,
+                    "instance": inst.index,
+                    **describe(status),
+                }
+            )
+        self._update(runner)
+        await self._end_tree({inst.label})  # the old tree is gone before a new one starts
+        if not runner.wanted or self.shutting_down:
+            self._update(runner)
+            return
+        if not should_restart(runner.config.restart, status):
+            self._update(runner)
+            return
+        now = trio.current_time()
+        if not runner.intensity.allow(now):
+            runner.wanted = False
+            runner.agent.state = "failed"
+            self.d.note(
+                {
+                    "type": "failed",
+                    "agent": name,
+                    "restarts": runner.config.max_restarts,
+                    "window": runner.config.restart_window,
+                }
+            )
+            await self._stop_instances(runner)
+            runner.agent.state = "failed"
+            self._update(runner)
+            return
+        delay = backoff(runner.intensity.recent(now))
+        runner.agent.restarts += 1
+        self.d.note(
+            {
+                "type": "restart",
+                "agent": name,
+                "instance": inst.index,
+                "delay": delay,
+                "restarts": runner.agent.restarts,
+            }
+        )
+        runner.pending += 1
+        self._update(runner)
+        try:
+            await trio.sleep(delay)
+        finally:
+            runner.pending -= 1
+        if runner.wanted and not self.shutting_down and inst.index not in runner.instances:
+            await self._spawn(runner, inst.index)
+        self._update(runner)
+
+    # -- ending process trees ---------------------------------------------------------
+
+    def _members(self, labels: set[str]) -> set[int]:
+        self.procs.drain()
+        return {
+            pid
+            for pid, lab in list(self.procs.labels.items())
+            if lab in labels and procinfo.tgid(pid) == pid
+        }
+
+    async def _end_tree(self, labels: set[str], grace: float | None = None) -> None:
+        """SIGTERM every process labelled so, SIGKILL what is left after the grace."""
+        pids = self._members(labels)
+        if not pids:
+            return
+        _signal(pids, signal.SIGTERM)
+        with trio.move_on_after(self.grace if grace is None else grace):
+            while self._members(labels):
+                await trio.sleep(0.02)
+        rest = self._members(labels)
+        if rest:
+            _signal(rest, signal.SIGKILL)
+            with trio.move_on_after(5):
+                while self._members(labels):
+                    await trio.sleep(0.02)
+
+    async def _stop_instances(self, runner: Runner) -> None:
+        labels = {f"{runner.name}#{i}" for i in range(runner.config.instances)}
+        await self._end_tree(labels)
+        with trio.move_on_after(5):
+            while runner.instances:
+                await self._changed.wait()
+
+    # -- operator commands ------------------------------------------------------------
+
+    def _runner(self, name: str) -> Runner:
+        runner = self.runners.get(name)
+        if runner is None:
+            raise BadInput(f"agent {name!r} has no command to supervise")
+        return runner
+
+    async def start(self, name: str) -> None:
+        runner = self._runner(name)
+        runner.intensity.reset()
+        if runner.agent.state == "failed":
+            runner.agent.state = "stopped"
+        await self._start_all(runner)
+
+    async def stop(self, name: str) -> None:
+        runner = self._runner(name)
+        runner.wanted = False
+        await self._stop_instances(runner)
+        runner.agent.state = "stopped"
+        self._update(runner)
+
+    async def restart(self, name: str) -> None:
+        await self.stop(name)
+        await self.start(name)
+
+    async def kill(self, name: str) -> None:
+        """SIGKILL the agent's processes; the restart policy then applies."""
+        runner = self._runner(name)
+        labels = {f"{name}#{i}" for i in runner.instances}
+        _signal(self._members(labels), signal.SIGKILL)
+
+    async def shutdown(self) -> None:
+        """End every agent process: supervised ones and those bound by `run`."""
+        self.shutting_down = True
+        for runner in self.runners.values():
+            runner.wanted = False
+        self.procs.drain()
+        labels = set(self.procs.labels.values())
+        await self._end_tree(labels)
+        self._reap()
+
+
+def _signal(pids: set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
