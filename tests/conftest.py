@@ -50,6 +50,14 @@ def wait_for(pred: Any, timeout: float = 5.0, interval: float = 0.01) -> Any:
         time.sleep(interval)
 
 
+def read_one(server: Server, name: str) -> dict[str, Any]:
+    """Take one message the way users do: `head -n1 inbox`, which acks by exiting 0."""
+    r = sh(f"head -n1 {server.agent(name, 'inbox')}", timeout=10)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
 class Server:
     """One outheisfs mount in a temporary folder."""
 

@@ -11,15 +11,9 @@ import time
 
 import pytest
 
-from .conftest import Server, sh, wait_for
+from .conftest import Server, read_one, sh, wait_for
 
 pytestmark = pytest.mark.mount
-
-
-def read_one(server: Server, name: str) -> dict:
-    r = sh(f"head -n1 {server.agent(name, 'inbox')}", timeout=10)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def deliveries(server: Server) -> list[tuple[str, int]]:

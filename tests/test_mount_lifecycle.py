@@ -12,15 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PY, Server, _alive, outheisfs, sh, wait_for
+from .conftest import PY, Server, _alive, outheisfs, read_one, wait_for
 
 pytestmark = pytest.mark.mount
-
-
-def read_one(server: Server, name: str) -> dict:
-    r = sh(f"head -n1 {server.agent(name, 'inbox')}", timeout=10)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def server_processes(state: Path) -> list[int]:
