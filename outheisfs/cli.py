@@ -35,10 +35,12 @@ def build_parser() -> Parser:
     u = sub.add_parser("umount", help="stop the server and unmount")
     u.add_argument("mountpoint", nargs="?", default="mount")
 
-    r = sub.add_parser("run", help="run COMMAND as agent NAME")
+    r = sub.add_parser(
+        "run", help="run COMMAND as agent NAME", usage="outheisfs run NAME [--mount MP] -- COMMAND"
+    )
     r.add_argument("name")
     r.add_argument("--mount", default="mount")
-    r.add_argument("cmd", nargs=argparse.REMAINDER)
+    r.add_argument("cmd", nargs="*", help=argparse.SUPPRESS)
 
     rp = sub.add_parser("replay", help="rebuild the state from the log and print it")
     rp.add_argument("--state", type=Path, default=Path(".outheis"))
@@ -52,13 +54,20 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command: list[str] = []
+    if argv[:1] == ["run"] and "--" in argv:  # what follows `--` is the command, untouched
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if args.command == "run":
+        args.cmd = args.cmd + command
     try:
         handler = {
             "mount": cmd_mount,
             "umount": cmd_umount,
             "replay": cmd_replay,
-            "run": cmd_later,
+            "run": cmd_run,
             "bench": cmd_later,
         }[args.command]
         return handler(args)
@@ -105,6 +114,16 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from . import mount
 
     return mount.umount(Path(args.mountpoint).absolute())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .run import RunError, run
+
+    try:
+        return run(Path(args.mount).absolute(), args.name, args.cmd)
+    except RunError as e:
+        print(f"outheisfs: {e}", file=sys.stderr)
+        return e.status
 
 
 def cmd_later(args: argparse.Namespace) -> int:

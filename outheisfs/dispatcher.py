@@ -180,11 +180,18 @@ class Dispatcher:
 
     # -- operations ----------------------------------------------------------------------
 
-    def plan(self, sender: str, drafts: list[Draft], default_to: str | None) -> list[Event]:
+    def plan(
+        self,
+        sender: str,
+        drafts: list[Draft],
+        default_to: str | None,
+        held: tuple[str, ...] = (),
+    ) -> list[Event]:
         """Turn parsed lines into message events, checking everything first.
 
         `default_to` is the inbox written to; None for an outbox, where a draft
-        without `to` is a reply to the message the sender holds in flight.
+        without `to` is a reply to the message the sender holds in flight (of
+        several, the one in `held`: the writing process's own).
         """
         events: list[Event] = []
         src = self.agent(sender)
@@ -195,8 +202,8 @@ class Dispatcher:
             elif default_to is not None:
                 targets = [default_to]
             else:
-                held = self._held(src, reply_to)
-                targets, reply_to = [held.sender], held.id
+                msg = self._held(src, reply_to, held)
+                targets, reply_to = [msg.sender], msg.id
             for to in targets:
                 if to not in self.agents:
                     raise NotFound(f"no agent {to!r}")
@@ -219,7 +226,7 @@ class Dispatcher:
                 raise TooBig(f"{n} messages for {to!r} exceed its queue limit")
         return events
 
-    def _held(self, agent: Agent, reply_to: str | None) -> Message:
+    def _held(self, agent: Agent, reply_to: str | None, held: tuple[str, ...]) -> Message:
         if reply_to is not None:
             msg = agent.inflight.get(reply_to)
             if msg is None:
@@ -228,6 +235,8 @@ class Dispatcher:
         if not agent.inflight:
             raise BadInput(f"no 'to' and {agent.name} holds no message in flight to reply to")
         if len(agent.inflight) > 1:
+            if len(held) == 1 and held[0] in agent.inflight:
+                return agent.inflight[held[0]]
             raise BadInput(
                 f"{agent.name} holds several messages in flight: give 'to' or 'reply_to'"
             )

@@ -588,13 +588,36 @@ class Operations(pyfuse3.Operations):
             raise NotPermitted(f"only {owner} and the operator send through this outbox")
         drafts = [parse_line(line, outbox) for line in lines]
         sender = owner if outbox else h.who
-        events = self.d.plan(sender, drafts, None if outbox else owner)
+        held = self._held_by_writer(h, owner) if outbox else ()
+        events = self.d.plan(sender, drafts, None if outbox else owner, held)
         while (full := self.d.full(events)) is not None:
             if h.nonblock:
                 raise WouldBlock(f"inbox of {full.name} is full")
             await self._park(full.room, h)
         self.d.deliver(events)
         await self.log.durable()
+
+    def _held_by_writer(self, h: Handle, owner: str) -> tuple[str, ...]:
+        """Messages held in flight by the writing process or its nearest ancestor
+        holding any: with several instances, a reply without `to` answers the
+        message its own process took (`jq ... > outbox` writes from a child)."""
+        holders: dict[int, list[str]] = {}
+        for hd in self.handles.values():
+            if hd.msg is not None and hd.node.agent == owner and hd.pid:
+                holders.setdefault(hd.pid, []).append(hd.msg.id)
+        if not holders:
+            return ()
+        if not h.pid:
+            self._learn_opener(h)
+        pid = h.pid
+        for _ in range(16):
+            if pid in holders:
+                return tuple(holders[pid])
+            st = procinfo.stat(pid)
+            if st is None or st.ppid <= 1:
+                return ()
+            pid = st.ppid
+        return ()
 
     # -- ctl ----------------------------------------------------------------------------
 

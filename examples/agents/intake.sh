@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# intake, in bash with jq: the first stage of a pipeline.
+#
+# A job from anyone is handed to the worker pool, tagged with who asked; a
+# result coming back from a worker is passed on to the one who asked.
+#   echo 'count these words' > agents/intake/inbox
+#   head -n1 agents/user/inbox    # {"words": 3, ...} from intake
+set -euo pipefail
+
+exec 3<inbox
+while IFS= read -r msg <&3; do
+  if jq -e '.from == "worker" and .reply_to != null' <<<"$msg" >/dev/null; then
+    jq -c '{to: .body.for, body: .body}' <<<"$msg" >outbox
+  else
+    jq -c '{to: "worker", body: {job: .body, for: .from}}' <<<"$msg" >outbox
+  fi
+done
