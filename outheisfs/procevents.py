@@ -140,9 +140,20 @@ class ProcEvents:
             with self._lock:
                 self._spawning.pop(tid, None)
 
-    def label(self, pid: int, label: str) -> None:
+    def label(self, pid: int, label: str, since: float | None = None) -> None:
+        """Label a live process (and its thread group). `since`: when it was
+        started; an exit reported since then means it is gone, and a label set
+        now would outlive it and pass to whoever gets the pid next."""
+        self.drain()
+        hit = self._recent.get(pid)
+        if since is not None and hit is not None and hit[1] >= since:
+            return
+        st = procinfo.stat(pid)
+        if st is None or st.state in ("Z", "X"):
+            return
         self.labels[pid] = label
         self.labels[procinfo.tgid(pid)] = label
+        self.drain()  # an exit reported meanwhile removes the label again
 
     def label_of(self, tid: int) -> str | None:
         """The agent thread `tid` acts as, or None (not an agent's process)."""
@@ -164,13 +175,15 @@ class ProcEvents:
             seen += 1
         return None
 
-    def members(self, label: str) -> set[int]:
-        """Every process (thread group) labelled `label` that still runs."""
+    def members(self, labels: set[str]) -> set[int]:
+        """Every running process (thread group) that carries one of `labels`."""
         self.drain()
         out = set()
         for pid, lab in list(self.labels.items()):
-            if lab == label and procinfo.tgid(pid) == pid:
-                out.add(pid)
+            if lab in labels and procinfo.tgid(pid) == pid:
+                st = procinfo.stat(pid)
+                if st is not None and st.state not in ("Z", "X"):
+                    out.add(pid)
         return out
 
     # -- exits ------------------------------------------------------------------------

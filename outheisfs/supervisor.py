@@ -22,6 +22,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import trio
 
-from . import procinfo
 from .config import AgentConfig
 from .dispatcher import Agent, Dispatcher
 from .errors import BadInput
@@ -232,6 +232,8 @@ class Supervisor:
         cwd = self.mountpoint / "agents" / name
         out = open(self.output / f"{name}.log", "ab")
 
+        since = time.monotonic()
+
         def spawn() -> subprocess.Popen[bytes]:
             with self.procs.spawning(inst.label):
                 return subprocess.Popen(
@@ -264,7 +266,7 @@ class Supervisor:
             return
         out.close()
         inst.popen, inst.pid = popen, popen.pid
-        self.procs.label(popen.pid, inst.label)
+        self.procs.label(popen.pid, inst.label, since)
         if runner.agent.priority == "background":
             try:
                 os.setpriority(os.PRIO_PROCESS, popen.pid, NICE_BACKGROUND)
@@ -355,12 +357,7 @@ class Supervisor:
     # -- ending process trees ---------------------------------------------------------
 
     def _members(self, labels: set[str]) -> set[int]:
-        self.procs.drain()
-        return {
-            pid
-            for pid, lab in list(self.procs.labels.items())
-            if lab in labels and procinfo.tgid(pid) == pid
-        }
+        return self.procs.members(labels)
 
     async def _end_tree(self, labels: set[str], grace: float | None = None) -> None:
         """SIGTERM every process labelled so, SIGKILL what is left after the grace."""

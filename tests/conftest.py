@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -56,6 +57,29 @@ def read_one(server: Server, name: str) -> dict[str, Any]:
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def take(server: Server, name: str, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Read `n` messages from one open inbox, waiting with poll; closing acks them."""
+    out: list[dict[str, Any]] = []
+    fd = os.open(server.agent(name, "inbox"), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while len(out) < n:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{len(out)} of {n} messages for {name} in {timeout} s")
+            if not poller.poll(left * 1000):
+                continue
+            try:
+                out.append(json.loads(os.read(fd, 1 << 21)))
+            except BlockingIOError:
+                continue
+    finally:
+        os.close(fd)
+    return out
 
 
 class Server:
