@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import procinfo
 from .config import PRIORITIES
 from .dispatcher import Agent, Dispatcher
 from .errors import BadInput
@@ -53,8 +52,8 @@ def parse(line: str) -> Command:
 
 
 def pids(agent: Agent) -> str:
-    """Supervised processes, or else the live processes bound by `outheisfs run`."""
-    live = agent.pids or sorted(p for p in agent.bound if procinfo.stat(p) is not None)
+    """Supervised processes, or else the processes bound by `outheisfs run`."""
+    live = agent.pids or sorted(agent.bound)
     return ",".join(map(str, live)) or "-"
 
 

@@ -24,6 +24,7 @@ from . import ctl, procinfo
 from .dispatcher import USER, Dispatcher
 from .errors import (
     BadInput,
+    Busy,
     Interrupted,
     NoRight,
     NotFound,
@@ -163,11 +164,20 @@ class Operations(pyfuse3.Operations):
             return self.log.size(f"{node.agent}.log")
         if kind is Kind.OUTBOX:
             return self.log.size(f"{node.agent}.outbox")
-        if kind is Kind.CTL:
-            return len(ctl.agent_status(self.d.agents[cast(str, node.agent)]).encode())
-        if kind is Kind.ROOT_CTL:
-            return len(ctl.root_status(self.d).encode())
+        if kind in (Kind.CTL, Kind.ROOT_CTL):
+            return len(self._status(node))
         return 0
+
+    def _status(self, node: Node) -> bytes:
+        """What a ctl file reads as now. An agent bound by `run` shows the
+        processes that act as it: the bound one and its descendants, while they run."""
+        agents = [self.d.agents[node.agent]] if node.agent else list(self.d.agents.values())
+        for a in agents:
+            if a.bound:
+                a.bound = self.procs.members({a.name})
+        if node.agent:
+            return ctl.agent_status(agents[0]).encode()
+        return ctl.root_status(self.d).encode()
 
     def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
@@ -306,6 +316,11 @@ class Operations(pyfuse3.Operations):
                 raise NotPermitted("only agents can be removed")
             if who != USER:
                 raise NotPermitted("only the operator removes agents")
+            agent = self.d.agent(text)
+            if self.procs.of_agent(text):
+                raise Busy(f"agent {text!r} has running processes")
+            if agent.config is not None and agent.config.command:
+                raise Busy(f"agent {text!r} is supervised (it has a command in the config)")
             self.d.rmdir(text, who)
         except OutheisError as e:
             self._error(who, where, e)
@@ -382,10 +397,8 @@ class Operations(pyfuse3.Operations):
             nonblock=bool(flags & os.O_NONBLOCK),
             lines=LineBuffer(self.d.config.max_message),
         )
-        if read and row.kind is Kind.CTL:
-            h.snapshot = ctl.agent_status(self.d.agents[cast(str, node.agent)]).encode()
-        elif read and row.kind is Kind.ROOT_CTL:
-            h.snapshot = ctl.root_status(self.d).encode()
+        if read and row.kind in (Kind.CTL, Kind.ROOT_CTL):
+            h.snapshot = self._status(node)
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = h

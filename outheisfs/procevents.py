@@ -175,6 +175,12 @@ class ProcEvents:
             seen += 1
         return None
 
+    def of_agent(self, name: str) -> set[int]:
+        """Every running process of agent `name` (labels `name` and `name#i`)."""
+        self.drain()
+        labels = {lab for lab in self.labels.values() if lab.split("#", 1)[0] == name}
+        return self.members(labels)
+
     def members(self, labels: set[str]) -> set[int]:
         """Every running process (thread group) that carries one of `labels`."""
         self.drain()

@@ -425,6 +425,32 @@ def test_run_shows_its_pid_and_its_agent_reads_its_inbox(server: Server) -> None
                   cwd=server.mp)  # fmt: skip
     assert r.returncode == 0, r.stderr
     pid_line, own, msg = r.stdout.splitlines()
-    assert pid_line == f"pid {own}"
+    grep = pid_line.split()[1].split(",")
+    assert own in grep and len(grep) == 2  # the shell, and grep: its child
     assert json.loads(msg)["body"] == "for the reader"
     assert server.status("reader")["pid"] == "-"  # gone with its process
+
+
+def test_agents_with_processes_cannot_be_removed(server: Server) -> None:
+    probe_config(server)
+    server.mount()
+    with pytest.raises(OSError) as e:
+        os.rmdir(server.p("agents", "probe"))
+    assert e.value.errno == errno.EBUSY
+    server.agent("probe", "ctl").write_text("stop\n")
+    with pytest.raises(OSError) as e:  # still declared with a command
+        os.rmdir(server.p("agents", "probe"))
+    assert e.value.errno == errno.EBUSY
+    r = outheisfs("run", "scripted", "--mount", str(server.mp), "--", "bash", "-c",
+                  f"rmdir {server.p('agents', 'scripted')}")  # fmt: skip
+    assert r.returncode == 1 and "Operation not permitted" in r.stderr  # agents cannot
+    r = outheisfs("run", "scripted", "--mount", str(server.mp), "--", "bash", "-c",
+                  "sleep 30 </dev/null >/dev/null 2>&1 & echo $!")  # fmt: skip
+    sleeper = int(r.stdout)
+    assert server.status("scripted")["pid"] == str(sleeper)  # its descendant lives on
+    with pytest.raises(OSError) as e:
+        os.rmdir(server.p("agents", "scripted"))
+    assert e.value.errno == errno.EBUSY
+    os.kill(sleeper, signal.SIGKILL)
+    wait_for(lambda: server.status("scripted")["pid"] == "-")
+    os.rmdir(server.p("agents", "scripted"))
