@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import signal
 import subprocess
+import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -36,9 +39,11 @@ from .errors import BadInput
 from .procevents import ProcEvents
 
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_PDEATHSIG = 1
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
 NICE_BACKGROUND = 10
+T = TypeVar("T")
 
 
 # -- the rules, apart from processes (tested with MockClock) ---------------------------
@@ -132,6 +137,54 @@ class Runner:
         return self.agent.name
 
 
+class Spawner:
+    """One thread that lives as long as the server forks every agent process.
+
+    Forking must happen off the trio thread (the child's chdir into the mount
+    needs the server to answer), and the kernel sends a child its parent-death
+    signal when the *thread* that forked it ends: so not a pooled worker thread.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        threading.Thread(target=self._loop, name="spawner", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self._jobs.get()()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        result: list[T] = []
+        error: list[BaseException] = []
+
+        def job() -> None:
+            try:
+                result.append(fn())
+            except BaseException as e:  # handed to the caller
+                error.append(e)
+            token.run_sync_soon(done.set)
+
+        self._jobs.put(job)
+        await done.wait()
+        if error:
+            raise error[0]
+        return result[0]
+
+
+def _die_with_server(server: int) -> Callable[[], None]:
+    """For the child, before exec: SIGKILL when the server dies, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def child() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != server:  # the server died before the prctl
+            os._exit(1)
+
+    return child
+
+
 class Supervisor:
     def __init__(
         self,
@@ -154,6 +207,7 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
         self.shutting_down = False
+        self._spawner = Spawner()
         for name, ac in dispatcher.config.agents.items():
             if ac.command:
                 agent = dispatcher.agents[name]
@@ -244,10 +298,11 @@ class Supervisor:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
+                    preexec_fn=_die_with_server(os.getpid()),
                 )
 
         try:
-            popen = await trio.to_thread.run_sync(spawn)
+            popen = await self._spawner.run(spawn)
         except OSError as e:
             out.close()
             self.d.note(

@@ -349,6 +349,17 @@ def test_crash_of_the_main_process_ends_its_descendants(server: Server) -> None:
     wait_for(lambda: not any(_alive(p) for p in old), timeout=5)
 
 
+def test_agent_processes_die_with_a_killed_server(server: Server) -> None:
+    pids = tree_config(server)
+    server.mount()
+    main = wait_for(lambda: server.status("tree")["pid"] != "-" and pid_of(server, "tree"))
+    _, daemon, stubborn = tree_pids(pids, main)
+    server.kill9()  # no chance to end anything: the kernel's parent-death signal does
+    wait_for(lambda: not _alive(main), timeout=5)
+    for orphan in (daemon, stubborn):  # known limit: descendants outlive a SIGKILLed server
+        os.kill(orphan, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("how", ["umount", "sigterm"])
 def test_no_agent_process_survives_the_server(server: Server, how: str) -> None:
     pids = tree_config(server)
