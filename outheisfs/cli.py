@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             "umount": cmd_umount,
             "replay": cmd_replay,
             "run": cmd_run,
-            "bench": cmd_later,
+            "bench": cmd_bench,
         }[args.command]
         return handler(args)
     except ConfigError as e:
@@ -126,9 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return e.status
 
 
-def cmd_later(args: argparse.Namespace) -> int:
-    print(f"outheisfs: '{args.command}' is not available in this version yet", file=sys.stderr)
-    return 2
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    return bench.main(args.quick, args.json)
 
 
 def replay_state(state: Path, until: int | None) -> dict[str, Any]:

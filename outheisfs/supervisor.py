@@ -92,7 +92,7 @@ class Intensity:
 def backoff(restarts_in_window: int) -> float:
     """Delay before a restart: 0.1 s, doubling per restart in the window, at most 5 s."""
     n = max(1, restarts_in_window)
-    return float(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (n - 1)))
+    return float(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(n - 1, 32)))
 
 
 def describe(status: int) -> dict[str, int]:
@@ -341,9 +341,11 @@ class Supervisor:
         agent.pids = sorted(i.pid for i in runner.instances.values() if i.pid)
         if agent.pids:
             agent.state = "running"
-        elif runner.pending:
+        elif agent.state == "failed" and not runner.wanted:
+            pass  # until an operator's start
+        elif runner.pending and runner.wanted:
             agent.state = "starting"
-        elif agent.state != "failed":
+        else:
             agent.state = "stopped"
         self._changed.set()
         self._changed = trio.Event()
