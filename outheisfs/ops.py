@@ -35,13 +35,13 @@ from .errors import (
 from .eventlog import EventLog
 from .lines import LineBuffer
 from .models import Message, parse_line
+from .parking import Parking
 from .procevents import ProcEvents
 from .supervisor import Supervisor
 from .tree import AGENTS_INODE, ROOT_INODE, Kind, Node, Tree
 
 log = logging.getLogger(__name__)
 
-SIGNAL_POLL = 0.1  # seconds between looks at a parked caller's pending signals
 CLOSE_GRACE = 0.5  # seconds a reader that closed may still fail its message
 QUIET = {errno.EINTR}  # a refusal that is normal, not an `error` event
 XATTR_PID = b"user.outheisfs.pid"
@@ -122,6 +122,7 @@ class Operations(pyfuse3.Operations):
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None
+        self.parking = Parking()
         self.settling: set[Message] = set()
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -541,16 +542,7 @@ class Operations(pyfuse3.Operations):
     async def _park(self, lot: trio.lowlevel.ParkingLot, h: Handle) -> None:
         """Wait to be woken through `lot`; give up with EINTR when the caller has a
         signal pending, so that the signal can act (pyfuse3 has no interrupts)."""
-        self._check_signals(h)
-        with trio.move_on_after(SIGNAL_POLL):
-            await lot.park()
-        self._check_signals(h)
-
-    def _check_signals(self, h: Handle) -> None:
-        pending = procinfo.signal_pending(h.tid)
-        if pending is None and h.pid and h.pid != h.tid:
-            pending = procinfo.signal_pending(h.pid)
-        if pending is None or pending:
+        if not await self.parking.park(lot, h.tid, *([h.pid] if h.pid else [])):
             raise Interrupted("signal pending")
 
     def _learn_opener(self, h: Handle) -> None:

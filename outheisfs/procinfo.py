@@ -12,25 +12,6 @@ from dataclasses import dataclass
 PF_EXITING = 0x4
 
 
-def signal_pending(tid: int) -> bool | None:
-    """True if thread `tid` has an unblocked signal pending; None if it is gone."""
-    try:
-        with open(f"/proc/{tid}/status", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    pnd = shd = blk = 0
-    for line in data.split(b"\n"):
-        if line.startswith(b"SigPnd:"):
-            pnd = int(line[7:], 16)
-        elif line.startswith(b"ShdPnd:"):
-            shd = int(line[7:], 16)
-        elif line.startswith(b"SigBlk:"):
-            blk = int(line[7:], 16)
-            break
-    return bool((pnd | shd) & ~blk)
-
-
 @dataclass(frozen=True, slots=True)
 class Stat:
     state: str
@@ -92,4 +73,4 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-__all__ = ["Stat", "abnormal", "killed_by_signal", "os", "signal_pending", "stat", "tgid"]
+__all__ = ["Stat", "abnormal", "killed_by_signal", "os", "stat", "tgid"]

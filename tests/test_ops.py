@@ -20,7 +20,7 @@ import pyfuse3
 import pytest
 import trio
 
-from outheisfs import procinfo
+from outheisfs.parking import Waiter
 from outheisfs.tree import AGENTS_INODE, ROOT_INODE
 
 from .helpers_unit import (
@@ -575,13 +575,15 @@ async def test_blocked_reader_interrupted(env: OpsEnv, monkeypatch: pytest.Monke
         codes.append(await fuse_errno(env.ops.read(fh, 0, 4096)))
 
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(env.ops.parking.run)
         nursery.start_soon(reader)
         await trio.sleep(0.05)
         with monkeypatch.context() as m:
-            m.setattr(procinfo, "signal_pending", lambda tid: True)
+            m.setattr(Waiter, "signalled", lambda self: True)
             with trio.fail_after(0.2):  # promptly [SPEC §4.3]
                 while not codes:
                     await trio.sleep(0.005)
+        nursery.cancel_scope.cancel()
     assert codes == [errno.EINTR]
     await env.write("agents/echo/inbox", b"still here\n")
     assert env.d.agents["echo"].queued == 1, "the interrupted reader took nothing"
@@ -602,14 +604,16 @@ async def test_blocked_writer_interrupted(
         codes.append(await fuse_errno(env.ops.write(fh, 1, b"\n")))
 
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(env.ops.parking.run)
         nursery.start_soon(writer)
         await trio.sleep(0.05)
         assert codes == [], "a full inbox blocks the writer"
         with monkeypatch.context() as m:
-            m.setattr(procinfo, "signal_pending", lambda tid: True)
+            m.setattr(Waiter, "signalled", lambda self: True)
             with trio.fail_after(0.2):  # promptly [SPEC §4.3]
                 while not codes:
                     await trio.sleep(0.005)
+        nursery.cancel_scope.cancel()
     assert codes == [errno.EINTR]
     assert [e["body"] for e in env.events("message")] == ["1"]
     # Once there is room the writer sends the same bytes again: the line arrives once.
