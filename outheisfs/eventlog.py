@@ -34,6 +34,7 @@ from .errors import LogDamaged
 from .models import dumps, now
 
 Event = dict[str, Any]
+STREAM_BUFFER = 256 << 10  # bytes of stream lines held before they are written
 MAIN = "events.jsonl"
 COMPLETE = ".complete"  # in streams/: the seq all streams hold, and their sizes then
 
@@ -122,6 +123,8 @@ class EventLog:
         self._stream_size: dict[str, int] = {}
         self._stream_last: dict[str, int] = {}  # only during replay
         self._stale: set[str] = set()
+        self._pending: dict[str, list[bytes]] = {}  # stream -> lines not yet written
+        self._pending_bytes = 0
         self._broken: str | None = None
         self.mtime_ns = time.time_ns()
 
@@ -300,19 +303,40 @@ class EventLog:
         return fd
 
     def _stream_write(self, stream: str, raw: bytes) -> None:
-        fd = self._stream_fd(stream)
-        size = self._stream_size[stream]
+        """Add a line to a stream. Streams are derived from the main log (rebuilt
+        at start), so their lines are written in batches: before the stream is
+        read, once STREAM_BUFFER bytes wait, and at close."""
+        self._stream_fd(stream)
+        self._pending.setdefault(stream, []).append(raw)
+        self._stream_size[stream] += len(raw)
+        self._pending_bytes += len(raw)
+        if self._pending_bytes >= STREAM_BUFFER:
+            self.flush_streams()
+
+    def flush_streams(self) -> None:
+        for stream in list(self._pending):
+            self._flush(stream)
+
+    def _flush(self, stream: str) -> None:
+        parts = self._pending.pop(stream, None)
+        if not parts:
+            return
+        data = b"".join(parts)
+        self._pending_bytes -= len(data)
+        fd = self._streams[stream]
+        start = self._stream_size[stream] - len(data)
         try:
-            os.write(fd, raw)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
         except OSError:
             # Derived data: stop feeding it; the next start catches it up.
             self._stale.add(stream)
             try:
-                os.ftruncate(fd, size)
+                os.ftruncate(fd, start)
             except OSError:
                 pass
-            return
-        self._stream_size[stream] = size + len(raw)
+            self._stream_size[stream] = start
 
     async def durable(self) -> None:
         """With durability `disk`: return once everything written so far is fsynced.
@@ -354,6 +378,9 @@ class EventLog:
             if end == 0:
                 return b""
             fd = self._streams[stream]
+            if stream in self._pending:
+                self._flush(stream)
+                end = self._stream_size[stream]
         if offset >= end:
             return b""
         return os.pread(fd, min(size, end - offset), offset)
@@ -363,6 +390,7 @@ class EventLog:
         if self._fd < 0:
             return
         try:
+            self.flush_streams()
             os.fsync(self._fd)
             for fd in self._streams.values():
                 os.fsync(fd)

@@ -6,6 +6,7 @@ pydantic; envelopes (JSON objects) are checked by the `Envelope` model.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import time
@@ -23,6 +24,7 @@ RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 # -- ids and timestamps ---------------------------------------------------------------
 
 _B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _B32.encode())
 _last_ms = 0
 _last_rand = 0
 
@@ -38,11 +40,8 @@ def new_id() -> str:
         rand = int.from_bytes(os.urandom(10), "big")
     _last_ms, _last_rand = ms, rand
     n = (ms << 80) | (rand & ((1 << 80) - 1))
-    out = []
-    for _ in range(26):
-        out.append(_B32[n & 31])
-        n >>= 5
-    return "".join(reversed(out))
+    # 160 bits are 32 base32 digits; the 128-bit id is the last 26 of them.
+    return base64.b32encode(n.to_bytes(20, "big"))[6:].translate(_TO_CROCKFORD).decode()
 
 
 def is_id(s: object) -> bool:

@@ -251,11 +251,6 @@ def test_umount_of_a_stale_mount_cleans_it(server: Server) -> None:
     os.listdir(server.mp)  # usable again
 
 
-def test_not_yet_available_commands_say_so() -> None:
-    r = outheisfs("bench", "--quick")
-    assert r.returncode == 2 and "not available" in r.stderr
-
-
 def test_python_m_entry_point_matches_console_script() -> None:
     r = subprocess.run(
         [sys.executable, "-m", "outheisfs", "--help"], capture_output=True, text=True
