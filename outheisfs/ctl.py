@@ -46,6 +46,12 @@ def parse(line: str) -> Command:
         raise BadInput(f"usage: {usage}")
     if name == "priority" and args[0] not in PRIORITIES:
         raise BadInput(f"unknown priority class {args[0]!r}; usage: {usage}")
+    if name == "unveil":
+        path, perms = args
+        if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/":
+            raise BadInput(f"unveil: {path!r} is not an absolute path in the mount")
+        if perms not in ("r", "w", "rw", "-"):
+            raise BadInput(f"unveil: permissions {perms!r} are not r, w, rw or -; usage: {usage}")
     if name == "ack" and args and not is_id(args[0]):
         raise BadInput(f"{args[0]!r} is not a message id")
     return Command(name, args)
@@ -60,7 +66,7 @@ def pids(agent: Agent) -> str:
 def agent_status(agent: Agent) -> str:
     ac = agent.config
     send = ",".join(ac.send) if ac and ac.send else "-"
-    unveil = ",".join(f"{p}:{m}" for p, m in ac.unveil.items()) if ac and ac.unveil else "-"
+    unveil = ",".join(f"{p}:{m}" for p, m in sorted(agent.grants.items())) or "-"
     rows = [
         ("name", agent.name),
         ("state", agent.state),

@@ -21,6 +21,7 @@ from .errors import BadInput, Busy, Exists, NotEmpty, NotFound, TooBig
 from .eventlog import Event, EventLog
 from .inbox import Inbox
 from .models import INFLIGHT, Draft, Message, new_id, parse_ts
+from .views import View, config_grants, normalize
 
 USER = "user"
 
@@ -39,6 +40,7 @@ class Agent:
     origin: str = "config"  # config | mkdir | message (created by a message to it)
     pids: list[int] = field(default_factory=list)  # supervised processes
     bound: set[int] = field(default_factory=set)  # processes bound by `outheisfs run`
+    grants: dict[str, str] = field(default_factory=dict)  # its view [SPEC §6], see views.py
     # Woken when a message arrives / when room frees up.
     arrived: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     room: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
@@ -74,6 +76,7 @@ class Dispatcher:
             agent.origin = "config"
             agent.priority = ac.priority
             agent.state = "stopped" if ac.command else "external"
+            agent.grants = config_grants(self.config, name)
 
     def _add(self, name: str, ac: AgentConfig | None, origin: str) -> Agent:
         agent = Agent(
@@ -83,6 +86,7 @@ class Dispatcher:
             inbox=Inbox(self.config.aging),
             state="stopped" if ac and ac.command else "external",
             origin=origin,
+            grants=config_grants(self.config, name),
         )
         self.agents[name] = agent
         return agent
@@ -160,8 +164,28 @@ class Dispatcher:
                 agent.priority = prio
         elif kind == "ctl":
             words = ev["command"].split()
-            if words[0] == "priority" and ev["agent"] in self.agents:
-                self.agents[ev["agent"]].priority = words[1]
+            target = self.agents.get(ev["agent"])
+            if target is None:
+                return
+            if words[0] == "priority":
+                target.priority = words[1]
+            elif words[0] == "bind":
+                target.grants = config_grants(self.config, target.name)
+            elif words[0] == "unveil":
+                target.grants = self._unveiled(target, ev["who"], words[1], words[2])
+        elif kind == "start":
+            # A (re)started process sees what its config grants, nothing narrowed.
+            started = self.agents.get(ev["agent"])
+            if started is not None:
+                started.grants = config_grants(self.config, started.name)
+
+    def _unveiled(self, agent: Agent, who: str, path: str, perms: str) -> dict[str, str]:
+        if who == agent.name:
+            try:
+                return View(agent.name, agent.grants).narrowed(path, perms)
+            except ValueError:  # refused before it was logged; a hand-edited log
+                return agent.grants
+        return {**agent.grants, normalize(path): perms}
 
     def record(self, events: Iterable[Event]) -> list[Event]:
         """Log events, then apply them. Raises OSError if the log refuses."""

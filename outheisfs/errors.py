@@ -38,6 +38,12 @@ class NoRight(OutheisError):
     errno = errno.EACCES
 
 
+class Hidden(OutheisError):
+    """A path outside the caller's view: for it, it does not exist [SPEC §6]."""
+
+    errno = errno.ENOENT
+
+
 class NotPermitted(OutheisError):
     """An operation the caller may never do (e.g. widening its own view)."""
 

@@ -25,6 +25,7 @@ from .dispatcher import USER, Dispatcher
 from .errors import (
     BadInput,
     Busy,
+    Hidden,
     Interrupted,
     NoRight,
     NotFound,
@@ -32,13 +33,14 @@ from .errors import (
     OutheisError,
     WouldBlock,
 )
-from .eventlog import EventLog
+from .eventlog import Event, EventLog
 from .lines import LineBuffer
 from .models import Message, parse_line
 from .parking import Parking
 from .procevents import ProcEvents
 from .supervisor import Supervisor
 from .tree import AGENTS_INODE, ROOT_INODE, Kind, Node, Tree
+from .views import NOBODY, View
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ class Operations(pyfuse3.Operations):
         for name in dispatcher.agents:
             self.tree.add_agent(name)
         self.handles: dict[int, Handle] = {}
+        self.dirs: dict[int, tuple[int, str]] = {}  # open folders: fh -> (inode, who)
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None
         self.parking = Parking()
@@ -132,12 +135,53 @@ class Operations(pyfuse3.Operations):
 
     def who(self, ctx: pyfuse3.RequestContext) -> str:
         """The agent a request acts for: the label of the calling process, given
-        to it (or an ancestor) by the supervisor or `outheisfs run`; a process
-        that is no agent's is the operator."""
+        to it (or an ancestor) by the supervisor or `outheisfs run`. A process that
+        is no agent's is the operator; a request that cannot be attributed (pid 0,
+        a process already gone) is NOBODY, with the least rights [SPEC §6]."""
+        if not ctx.pid:
+            return NOBODY
         label = self.procs.label_of(ctx.pid)
-        return USER if label is None else label.split("#", 1)[0]
+        if label is not None:
+            return label.split("#", 1)[0]
+        try:
+            os.kill(ctx.pid, 0)
+        except ProcessLookupError:
+            return NOBODY
+        except PermissionError:
+            pass
+        return USER
 
-    def _error(self, who: str, where: str, e: OutheisError) -> None:
+    # -- views [SPEC §6] ----------------------------------------------------------------
+
+    def _perms(self, who: str, node: Node) -> str | None:
+        """What `who` may do with `node`: None if it is hidden, else a subset of
+        "rw" ("" for a folder it may only walk through)."""
+        if who == USER:
+            return "rw"
+        agent = self.d.agents.get(who)
+        if agent is None:
+            return View(NOBODY, {}).perms(path_of(node))
+        return View(who, agent.grants).perms(path_of(node))
+
+    def _visible(self, who: str, node: Node, op: str) -> str:
+        """The perms of a node the caller may see; Hidden (ENOENT, `denied`) if not."""
+        perms = self._perms(who, node)
+        if perms is None:
+            e = Hidden(f"not in the view of {who}")
+            self._error(who, path_of(node), e, op)
+            raise e
+        return perms
+
+    def _refuse(self, who: str, where: str, op: str, why: str) -> NoRight:
+        """A visible path used beyond the caller's rights: EACCES, `denied`."""
+        e = NoRight(why)
+        self._error(who, where, e, op)
+        return e
+
+    def _error(self, who: str, where: str, e: OutheisError, op: str = "write") -> None:
+        if isinstance(e, (Hidden, NoRight)):
+            self.d.note({"type": "denied", "who": who, "op": op, "path": where, "why": e.reason})
+            return
         if e.errno not in QUIET:
             self.d.note(
                 {
@@ -180,7 +224,7 @@ class Operations(pyfuse3.Operations):
             return ctl.agent_status(agents[0]).encode()
         return ctl.root_status(self.d).encode()
 
-    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+    def _attrs(self, node: Node, perms: str = "rw") -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
         a.generation = 0
@@ -189,6 +233,9 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = 0
         a.attr_timeout = 0
         a.st_mode = node.row.st_mode
+        if perms != "rw":  # an agent's view: the mode shows what it may do
+            keep = 0o550 if node.row.is_dir else 0o440 * ("r" in perms) | 0o220 * ("w" in perms)
+            a.st_mode &= ~0o777 | keep
         a.st_nlink = 2 if node.row.is_dir else 1
         a.st_uid = self.uid
         a.st_gid = self.gid
@@ -208,15 +255,23 @@ class Operations(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if name == b".":
-            return self._attrs(parent)
+            return await self.getattr(parent_inode, ctx)
         inode = self.tree.lookup(parent, name.decode(errors="replace"))
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._attrs(self._node(inode))
+        node = self._node(inode)
+        who = self.who(ctx)
+        if who == USER:
+            return self._attrs(node)
+        return self._attrs(node, self._visible(who, node, "lookup"))
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._attrs(self._node(inode))
+        node = self._node(inode)
+        who = self.who(ctx)
+        if who == USER:
+            return self._attrs(node)
+        return self._attrs(node, self._visible(who, node, "stat"))
 
     @handler
     async def setattr(
@@ -228,6 +283,9 @@ class Operations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        who = self.who(ctx)
+        if who != USER and "w" not in self._visible(who, node, "setattr"):
+            raise self._refuse(who, path_of(node), "setattr", f"{who} may not change this file")
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_size and not (node.row.writable and attr.st_size == 0):
@@ -239,10 +297,11 @@ class Operations(pyfuse3.Operations):
     @handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         node = self._node(inode)
-        perms = node.row.mode
-        if mode & os.R_OK and not perms & 0o444:
+        who = self.who(ctx)
+        bits = self._attrs(node, self._visible(who, node, "access")).st_mode
+        if mode & os.R_OK and not bits & 0o444:
             return False
-        if mode & os.W_OK and not perms & 0o222:
+        if mode & os.W_OK and not bits & 0o222:
             return False
         return not (mode & os.X_OK and not node.row.is_dir)
 
@@ -271,22 +330,32 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if not node.row.is_dir:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        who = self.who(ctx)
+        if who != USER:
+            self._visible(who, node, "readdir")
+        fh = self._next_fh
+        self._next_fh += 1
+        self.dirs[fh] = (inode, who)  # readdir has no caller: the listing is decided here
+        return fh
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        node = self._node(fh)
+        inode, who = self.dirs[fh]
+        node = self._node(inode)
         entries = self.tree.children(node, list(self.d.agents))
-        for i, (name, inode) in enumerate(entries[start_id:], start_id + 1):
-            child = self.tree.node(inode)
+        for i, (name, child_inode) in enumerate(entries[start_id:], start_id + 1):
+            child = self.tree.node(child_inode)
             if child is None:
                 continue
-            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(child), i):
+            perms = self._perms(who, child)
+            if perms is None:
+                continue  # hidden: absent from the listing
+            if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(child, perms), i):
                 break
 
     @handler
     async def releasedir(self, fh: int) -> None:
-        return None
+        self.dirs.pop(fh, None)
 
     @handler
     async def mkdir(
@@ -295,11 +364,12 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         who = self.who(ctx)
         where = f"{path_of(parent).rstrip('/')}/{name.decode(errors='replace')}"
+        if who != USER:
+            self._visible(who, parent, "mkdir")
+            raise self._refuse(who, where, "mkdir", "only the operator creates agents")
         try:
             if parent.inode != AGENTS_INODE:
                 raise NotPermitted("only agents/ takes new folders")
-            if who != USER:
-                raise NotPermitted("only the operator creates agents")
             agent = self.d.mkdir(name.decode(errors="replace"), who)
         except OutheisError as e:
             self._error(who, where, e)
@@ -312,11 +382,12 @@ class Operations(pyfuse3.Operations):
         who = self.who(ctx)
         text = name.decode(errors="replace")
         where = f"{path_of(parent).rstrip('/')}/{text}"
+        if who != USER:
+            self._visible(who, parent, "rmdir")
+            raise self._refuse(who, where, "rmdir", "only the operator removes agents")
         try:
             if parent.inode != AGENTS_INODE:
                 raise NotPermitted("only agents can be removed")
-            if who != USER:
-                raise NotPermitted("only the operator removes agents")
             agent = self.d.agent(text)
             if self.procs.of_agent(text):
                 raise Busy(f"agent {text!r} has running processes")
@@ -328,21 +399,32 @@ class Operations(pyfuse3.Operations):
             raise
         self.tree.remove_agent(text)
 
+    def _fixed(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext, op: str) -> None:
+        """The tree's names are fixed: for an agent, a visible folder is EACCES."""
+        parent = self._node(parent_inode)
+        who = self.who(ctx)
+        if who != USER:
+            self._visible(who, parent, op)
+            where = f"{path_of(parent).rstrip('/')}/{name.decode(errors='replace')}"
+            raise self._refuse(who, where, op, f"{op}: names in the tree are fixed")
+
     @handler
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        self._fixed(parent_inode, name, ctx, "create")
         raise pyfuse3.FUSEError(errno.EACCES)
 
     @handler
     async def mknod(
         self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._fixed(parent_inode, name, ctx, "mknod")
         raise pyfuse3.FUSEError(errno.EACCES)
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        self._node(parent_inode)
+        self._fixed(parent_inode, name, ctx, "unlink")
         raise pyfuse3.FUSEError(errno.EPERM)
 
     @handler
@@ -355,18 +437,22 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        self._fixed(parent_inode_old, name_old, ctx, "rename")
+        self._fixed(parent_inode_new, name_new, ctx, "rename")
         raise pyfuse3.FUSEError(errno.EPERM)
 
     @handler
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._fixed(new_parent_inode, new_name, ctx, "link")
         raise pyfuse3.FUSEError(errno.EPERM)
 
     @handler
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        self._fixed(parent_inode, name, ctx, "symlink")
         raise pyfuse3.FUSEError(errno.EPERM)
 
     # -- files --------------------------------------------------------------------------
@@ -383,12 +469,11 @@ class Operations(pyfuse3.Operations):
         if (read and not row.readable) or (write and not row.writable):
             raise pyfuse3.FUSEError(errno.EACCES)
         who = self.who(ctx)
-        # Another agent's inbox may only be written to, its outbox only read.
-        foreign = who not in (USER, node.agent)
-        if foreign and ((row.kind is Kind.INBOX and read) or (row.kind is Kind.OUTBOX and write)):
-            verb = "read" if read else "write"
-            self._error(who, path_of(node), NoRight(f"{who} may not {verb} this file"))
-            raise pyfuse3.FUSEError(errno.EACCES)
+        if who != USER:  # decided here, carried by the open file
+            perms = self._visible(who, node, "open")
+            if (read and "r" not in perms) or (write and "w" not in perms):
+                verb = "read and write" if read and write else "read" if read else "write"
+                raise self._refuse(who, path_of(node), "open", f"{who} may not {verb} this file")
         h = Handle(
             node=node,
             who=who,
@@ -595,12 +680,30 @@ class Operations(pyfuse3.Operations):
         sender = owner if outbox else h.who
         held = self._held_by_writer(h, owner) if outbox else ()
         events = self.d.plan(sender, drafts, None if outbox else owner, held)
+        if outbox and h.who != USER:
+            self._check_routes(owner, events)
         while (full := self.d.full(events)) is not None:
             if h.nonblock:
                 raise WouldBlock(f"inbox of {full.name} is full")
             await self._park(full.room, h)
         self.d.deliver(events)
         await self.log.durable()
+
+    def _check_routes(self, owner: str, events: list[Event]) -> None:
+        """Sending through an outbox obeys the sender's send rights; a reply to a
+        message it holds goes back to that message's sender whatever they are."""
+        agent = self.d.agents[owner]
+        view = View(owner, agent.grants)
+        for ev in events:
+            to = ev["to"]
+            if view.may_send(to):
+                continue
+            held = agent.inflight.get(ev["reply_to"]) if ev["reply_to"] else None
+            if held is not None and held.sender == to:
+                continue
+            e = NoRight(f"{owner} may not send to {to} (not in its send list)")
+            self._error(owner, f"/agents/{to}/inbox", e, "send")
+            raise e
 
     def _held_by_writer(self, h: Handle, owner: str) -> tuple[str, ...]:
         """Messages held in flight by the writing process or its nearest ancestor
@@ -645,7 +748,13 @@ class Operations(pyfuse3.Operations):
             assert self.supervisor is not None
             self.supervisor._runner(name)  # an agent without a command: EINVAL
         elif cmd.name == "unveil":
-            raise BadInput("unveil: per-agent views are not enforced by this server yet")
+            if who == name:
+                try:
+                    View(name, self.d.agents[name].grants).narrowed(*cmd.args)
+                except ValueError as e:
+                    raise NotPermitted(f"unveil: {e}") from None
+            elif who != USER:
+                raise NotPermitted("unveil: only the agent itself (to narrow) and the operator")
         elif cmd.name == "ack":
             if who not in (name, USER):
                 raise NotPermitted(f"only {name} and the operator acknowledge its messages")

@@ -289,14 +289,18 @@ def test_instances_each_have_a_pid(server: Server) -> None:
 
 
 def test_operator_commands_are_refused_to_agents_and_need_a_command(server: Server) -> None:
-    probe_config(server, extra="[agents.plain]\n")
+    probe_config(server, extra='[agents.plain]\nunveil = { "/agents/probe/ctl" = "r" }\n')
     server.mount()
-    r = outheisfs("run", "plain", "--mount", str(server.mp), "--", "bash", "-c",
-                  f"echo stop > {server.agent('probe', 'ctl')}")  # fmt: skip
-    assert r.returncode != 0 and "not permitted" in r.stderr.lower()
+    mp = str(server.mp)
+    for ctl_file, error in (
+        (server.agent("probe", "ctl"), "Permission denied"),  # another agent's: read only
+        (server.agent("plain", "ctl"), "Operation not permitted"),  # its own: not this command
+    ):
+        r = outheisfs("run", "plain", "--mount", mp, "--", "bash", "-c", f"echo stop > {ctl_file}")
+        assert r.returncode == 1 and error in r.stderr, r.stderr
     with pytest.raises(OSError) as e:
         server.agent("plain", "ctl").write_text("start\n")
-    assert e.value.errno == errno.EINVAL
+    assert e.value.errno == errno.EINVAL  # the operator, but plain has no command
     assert server.status("probe")["state"] == "running"
 
 
@@ -389,7 +393,7 @@ def test_no_agent_process_survives_the_server(server: Server, how: str) -> None:
 
 
 def test_run_sends_as_the_agent_and_returns_the_status(server: Server) -> None:
-    probe_config(server)
+    probe_config(server, extra='[agents.scripted]\nsend = ["probe"]\n')
     server.mount()
     inbox = server.agent("probe", "inbox")
     script = (
@@ -454,7 +458,7 @@ def test_agents_with_processes_cannot_be_removed(server: Server) -> None:
     assert e.value.errno == errno.EBUSY
     r = outheisfs("run", "scripted", "--mount", str(server.mp), "--", "bash", "-c",
                   f"rmdir {server.p('agents', 'scripted')}")  # fmt: skip
-    assert r.returncode == 1 and "Operation not permitted" in r.stderr  # agents cannot
+    assert r.returncode == 1 and "Permission denied" in r.stderr  # agents cannot
     r = outheisfs("run", "scripted", "--mount", str(server.mp), "--", "bash", "-c",
                   "sleep 30 </dev/null >/dev/null 2>&1 & echo $!")  # fmt: skip
     sleeper = int(r.stdout)
