@@ -6,6 +6,7 @@ How the package fits together (one concept per module):
     mount       the server's life: checks, replay, mount, serve, shutdown
     ops         the pyfuse3 Operations: requests in, dispatcher calls out
     tree        the file tree as one table of rows, and inode numbering
+    views       who sees what: an agent's view of the tree (unveil)
     ctl         ctl commands and status text
     dispatcher  agents, queues, in-flight messages: a state machine fed by events
     inbox       one agent's queue: priority classes with aging
@@ -13,11 +14,17 @@ How the package fits together (one concept per module):
     models      messages and envelopes, ids, timestamps
     lines       cutting writes into lines
     config      the TOML configuration, checked with pydantic
-    procinfo    what /proc says about a caller (signals, exit)
-    exitwatch   how processes end (proc connector)
+    parking     requests that wait, and the signals that end them
+    procinfo    what /proc says about a process (state, exit, parent)
+    procevents  forks and exits from the kernel: which agent a process is
+    supervisor  agent processes started, watched, restarted (OTP policies)
+    run         `outheisfs run`: a command bound to an agent
+    floor       the minimal pyfuse3 filesystem the benchmark compares with
+    bench       `outheisfs bench`
     errors      domain errors and their errno
 
-Only `ops` and `mount` import pyfuse3; everything else is tested without FUSE.
+Only `ops`, `mount` and `floor` import pyfuse3 at module level; the rest is
+tested without FUSE.
 """
 
 __version__ = "0.1.0"

@@ -34,6 +34,7 @@ from .errors import LogDamaged
 from .models import dumps, now
 
 Event = dict[str, Any]
+NOT_AGENTS = {"server", "-"}  # who may be the server itself, or a caller attributed to no one
 STREAM_BUFFER = 256 << 10  # bytes of stream lines held before they are written
 MAIN = "events.jsonl"
 COMPLETE = ".complete"  # in streams/: the seq all streams hold, and their sizes then
@@ -44,7 +45,7 @@ def concerned(ev: Event) -> set[str]:
     names: set[str] = set()
     for key in ("agent", "from", "who"):
         v = ev.get(key)
-        if isinstance(v, str):
+        if isinstance(v, str) and v not in NOT_AGENTS:
             names.add(v)
     to = ev.get("to")
     if isinstance(to, str):

@@ -747,6 +747,8 @@ class Operations(pyfuse3.Operations):
         if cmd.name in ctl.SUPERVISOR:
             assert self.supervisor is not None
             self.supervisor._runner(name)  # an agent without a command: EINVAL
+        elif cmd.name == "bind" and name == USER:
+            raise BadInput("bind: 'user' is the operator, not an agent to run as")
         elif cmd.name == "unveil":
             if who == name:
                 try:

@@ -19,6 +19,7 @@ grandchild is ended with its agent too.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import queue
 import signal
@@ -310,7 +311,7 @@ class Supervisor:
                     "type": "error",
                     "who": "server",
                     "where": f"/agents/{name}",
-                    "errno": "ENOEXEC",
+                    "errno": errno.errorcode.get(e.errno or 0, "ENOEXEC"),
                     "why": f"cannot start {cmd[0]!r}: {e.strerror}",
                 }
             )
@@ -366,8 +367,13 @@ class Supervisor:
                     **describe(status),
                 }
             )
+        likely = runner.wanted and should_restart(runner.config.restart, status)
+        runner.pending += likely  # "starting" while the old tree ends, not "stopped"
         self._update(runner)
-        await self._end_tree({inst.label})  # the old tree is gone before a new one starts
+        try:
+            await self._end_tree({inst.label})  # the old tree is gone before a new one starts
+        finally:
+            runner.pending -= likely
         if not runner.wanted or self.shutting_down:
             self._update(runner)
             return
@@ -382,7 +388,8 @@ class Supervisor:
                 {
                     "type": "failed",
                     "agent": name,
-                    "restarts": runner.config.max_restarts,
+                    "restarts": runner.agent.restarts,
+                    "max_restarts": runner.config.max_restarts,
                     "window": runner.config.restart_window,
                 }
             )
