@@ -39,7 +39,9 @@ from .models import Message, parse_line
 from .parking import Parking
 from .procevents import ProcEvents
 from .supervisor import Supervisor
-from .tree import AGENTS_INODE, ROOT_INODE, Kind, Node, Tree
+from .tree import AGENTS_INODE, ROOT_INODE, VAULT_INODE, Kind, Node, Tree
+from .vault import Store
+from .vaultops import VaultOps
 from .views import NOBODY, View
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,10 @@ class Operations(pyfuse3.Operations):
             self.tree.add_agent(name)
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, tuple[int, str]] = {}  # open folders: fh -> (inode, who)
+        self.store = Store(log_.state / "vault", VAULT_INODE)
+        for domain in dispatcher.config.vault:
+            (self.store.root / domain).mkdir(exist_ok=True)
+        self.vault = VaultOps(self, self.store)
         self._next_fh = 1
         self.nursery: trio.Nursery | None = None
         self.parking = Parking()
@@ -150,6 +156,9 @@ class Operations(pyfuse3.Operations):
         except PermissionError:
             pass
         return USER
+
+    def _in_vault(self, inode: int) -> bool:
+        return inode == VAULT_INODE or self.store.holds(inode)
 
     # -- views [SPEC §6] ----------------------------------------------------------------
 
@@ -253,6 +262,8 @@ class Operations(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self._in_vault(parent_inode) and name not in (b".", b".."):
+            return await self.vault.lookup(parent_inode, name, self.who(ctx))
         parent = self._node(parent_inode)
         if name == b".":
             return await self.getattr(parent_inode, ctx)
@@ -267,6 +278,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.store.holds(inode):
+            return await self.vault.getattr(inode, self.who(ctx))
         node = self._node(inode)
         who = self.who(ctx)
         if who == USER:
@@ -282,6 +295,8 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        if self.store.holds(inode):
+            return await self.vault.setattr(inode, attr, fields, fh, self.who(ctx))
         node = self._node(inode)
         who = self.who(ctx)
         if who != USER and "w" not in self._visible(who, node, "setattr"):
@@ -296,8 +311,15 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
-        node = self._node(inode)
         who = self.who(ctx)
+        if self.store.holds(inode):
+            bits = (await self.vault.getattr(inode, who)).st_mode
+            return not (
+                (mode & os.R_OK and not bits & 0o444)
+                or (mode & os.W_OK and not bits & 0o222)
+                or (mode & os.X_OK and not bits & 0o111)
+            )
+        node = self._node(inode)
         bits = self._attrs(node, self._visible(who, node, "access")).st_mode
         if mode & os.R_OK and not bits & 0o444:
             return False
@@ -327,12 +349,15 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        node = self._node(inode)
-        if not node.row.is_dir:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
         who = self.who(ctx)
-        if who != USER:
-            self._visible(who, node, "readdir")
+        if self.store.holds(inode):
+            self.vault.see(who, self.store.path(inode), "readdir")
+        else:
+            node = self._node(inode)
+            if not node.row.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            if who != USER:
+                self._visible(who, node, "readdir")
         fh = self._next_fh
         self._next_fh += 1
         self.dirs[fh] = (inode, who)  # readdir has no caller: the listing is decided here
@@ -341,6 +366,12 @@ class Operations(pyfuse3.Operations):
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         inode, who = self.dirs[fh]
+        if self._in_vault(inode):
+            listing = self.vault.listing(inode, who)
+            for i, (raw, attrs) in enumerate(listing[start_id:], start_id + 1):
+                if not pyfuse3.readdir_reply(token, raw, attrs, i):
+                    break
+            return
         node = self._node(inode)
         entries = self.tree.children(node, list(self.d.agents))
         for i, (name, child_inode) in enumerate(entries[start_id:], start_id + 1):
@@ -361,6 +392,8 @@ class Operations(pyfuse3.Operations):
     async def mkdir(
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self._in_vault(parent_inode):
+            return await self.vault.mkdir(parent_inode, name, mode, self.who(ctx))
         parent = self._node(parent_inode)
         who = self.who(ctx)
         where = f"{path_of(parent).rstrip('/')}/{name.decode(errors='replace')}"
@@ -378,6 +411,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self._in_vault(parent_inode):
+            return await self.vault.rmdir(parent_inode, name, self.who(ctx))
         parent = self._node(parent_inode)
         who = self.who(ctx)
         text = name.decode(errors="replace")
@@ -412,6 +447,8 @@ class Operations(pyfuse3.Operations):
     async def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        if self._in_vault(parent_inode):
+            return await self.vault.create(parent_inode, name, mode, flags, self.who(ctx))
         self._fixed(parent_inode, name, ctx, "create")
         raise pyfuse3.FUSEError(errno.EACCES)
 
@@ -424,6 +461,8 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if self._in_vault(parent_inode):
+            return await self.vault.unlink(parent_inode, name, self.who(ctx))
         self._fixed(parent_inode, name, ctx, "unlink")
         raise pyfuse3.FUSEError(errno.EPERM)
 
@@ -437,6 +476,14 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
+        old_in, new_in = self._in_vault(parent_inode_old), self._in_vault(parent_inode_new)
+        if old_in and new_in:
+            who = self.who(ctx)
+            return await self.vault.rename(
+                parent_inode_old, name_old, parent_inode_new, name_new, flags, who
+            )
+        if old_in or new_in:
+            raise pyfuse3.FUSEError(errno.EXDEV)
         self._fixed(parent_inode_old, name_old, ctx, "rename")
         self._fixed(parent_inode_new, name_new, ctx, "rename")
         raise pyfuse3.FUSEError(errno.EPERM)
@@ -445,6 +492,8 @@ class Operations(pyfuse3.Operations):
     async def link(
         self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self.store.holds(inode) and self._in_vault(new_parent_inode):
+            return await self.vault.link(inode, new_parent_inode, new_name, self.who(ctx))
         self._fixed(new_parent_inode, new_name, ctx, "link")
         raise pyfuse3.FUSEError(errno.EPERM)
 
@@ -452,13 +501,23 @@ class Operations(pyfuse3.Operations):
     async def symlink(
         self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
+        if self._in_vault(parent_inode):
+            return await self.vault.symlink(parent_inode, name, target, self.who(ctx))
         self._fixed(parent_inode, name, ctx, "symlink")
         raise pyfuse3.FUSEError(errno.EPERM)
+
+    @handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        if self.store.holds(inode):
+            return await self.vault.readlink(inode, self.who(ctx))
+        raise pyfuse3.FUSEError(errno.EINVAL)
 
     # -- files --------------------------------------------------------------------------
 
     @handler
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        if self.store.holds(inode):
+            return await self.vault.open(inode, flags, self.who(ctx))
         node = self._node(inode)
         row = node.row
         if row.is_dir:
@@ -498,6 +557,9 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        vf = self.store.files.get(fh)
+        if vf is not None:
+            return self.vault.read(vf, off, size)
         h = self._handle(fh)
         kind = h.node.row.kind
         if kind is Kind.INBOX:
@@ -509,6 +571,9 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        vf = self.store.files.get(fh)
+        if vf is not None:
+            return self.vault.write(vf, off, buf)
         h = self._handle(fh)
         try:
             lines = h.lines.feed(buf)
@@ -552,6 +617,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self.handles.pop(fh, None)
         if h is None:
+            self.vault.release(fh)
             return
         self._forget_poll(h)
         if h.lines.partial and not h.dropped:
@@ -566,6 +632,12 @@ class Operations(pyfuse3.Operations):
             else:
                 self.settling.add(msg)
                 self.nursery.start_soon(self._settle_later, msg, h.who, h.pid, h.start)
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        vf = self.store.files.get(fh)
+        if vf is not None:
+            self.vault.fsync(vf)
 
     @handler
     async def poll(self, inode: int, fh: int, poll_handle: Any, ctx: pyfuse3.RequestContext) -> int:

@@ -73,6 +73,7 @@ _FIXED = {ROOT_INODE: ROOT} | {ROOT_INODE + 1 + i: row for i, row in enumerate(R
 _ROOT_BY_NAME = {row.name: ROOT_INODE + 1 + i for i, row in enumerate(ROOT_ROWS)}
 _AGENT_BY_NAME = {row.name: i + 1 for i, row in enumerate(AGENT_ROWS)}
 AGENTS_INODE = _ROOT_BY_NAME["agents"]
+VAULT_INODE = _ROOT_BY_NAME["vault"]
 BLOCK = 8  # inodes per agent: the directory, then its rows
 FIRST_AGENT = 16
 

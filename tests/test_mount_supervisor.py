@@ -61,7 +61,11 @@ def example(server: Server) -> Server:
             pytest.fail(f"{tool} is needed by the example agents: run .ci/setup (see README)")
     server.config = EXAMPLES / "outheis.toml"
     server.mount()
-    wait_for(lambda: all(a["state"] == "running" for a in _agents(server)), timeout=10)
+    supervised = [a for a in _agents(server) if a["state"] != "external"]
+    assert len(supervised) == 5
+    wait_for(
+        lambda: all(a["state"] in ("running", "external") for a in _agents(server)), timeout=10
+    )
     return server
 
 

@@ -1,0 +1,273 @@
+"""Requests on the vault, with the caller's rights [SPEC §6, §7].
+
+Reading needs "r" in the caller's view; changing anything needs the operator,
+or the owner of the domain the path lies in with "w" in its view. A path
+outside the view is ENOENT (and a `denied` event), a visible one used beyond
+the caller's rights EACCES (and a `denied` event). Each change is a `vault`
+event: who, operation, path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+import pyfuse3
+
+from .dispatcher import USER
+from .errors import Hidden, OutheisError
+from .vault import Store, VaultFile, attrs, domain_of, fail
+from .views import NOBODY, View
+
+if TYPE_CHECKING:
+    from .ops import Operations
+
+RENAME_NOREPLACE = 1
+T = TypeVar("T")
+
+
+def where(path: str) -> str:
+    return f"/vault/{path}" if path else "/vault"
+
+
+class VaultOps:
+    def __init__(self, ops: Operations, store: Store) -> None:
+        self.ops = ops
+        self.store = store
+        self.owners = ops.d.config.vault
+
+    # -- rights ------------------------------------------------------------------------
+
+    def perms(self, who: str, path: str) -> str | None:
+        if who == USER:
+            return "rw"
+        agent = self.ops.d.agents.get(who)
+        view = View(who, agent.grants) if agent else View(NOBODY, {})
+        return view.perms(where(path))
+
+    def see(self, who: str, path: str, op: str) -> str:
+        perms = self.perms(who, path)
+        if perms is None:
+            e = Hidden(f"not in the view of {who}")
+            self.ops._error(who, where(path), e, op)
+            raise e
+        return perms
+
+    def may_change(self, who: str, path: str, perms: str) -> bool:
+        if who == USER:
+            return True
+        return "w" in perms and self.owners.get(domain_of(path) or "") == who
+
+    def change(self, who: str, path: str, op: str) -> None:
+        """Refuse unless `who` may change `path`; the caller then does it."""
+        perms = self.see(who, path, op)
+        if not self.may_change(who, path, perms):
+            domain = domain_of(path)
+            owner = self.owners.get(domain or "")
+            why = (
+                f"{where(path)} belongs to {owner}" if owner else f"{where(path)} is the operator's"
+            )
+            raise self.ops._refuse(who, where(path), op, why)
+
+    def record(self, who: str, op: str, path: str, **more: str) -> None:
+        self.ops.d.note({"type": "vault", "who": who, "op": op, "path": where(path), **more})
+
+    def entry(self, who: str, path: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        perms = self.perms(who, path) or ""
+        mask = 0o7111 | (0o444 if "r" in perms else 0)
+        if self.may_change(who, path, perms):
+            mask |= 0o222
+        return attrs(self.store.number(path, st), st, mask)
+
+    def _lstat(self, path: str) -> os.stat_result:
+        try:
+            return self.store.lstat(path)
+        except OSError as e:
+            raise fail(e.errno or errno.EIO) from None
+
+    # -- names -------------------------------------------------------------------------
+
+    async def lookup(self, parent: int, name: bytes, who: str) -> pyfuse3.EntryAttributes:
+        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        st = self._lstat(path)
+        self.see(who, path, "lookup")
+        return self.entry(who, path, st)
+
+    async def getattr(self, inode: int, who: str) -> pyfuse3.EntryAttributes:
+        path = self.store.path(inode)
+        st = self._lstat(path)
+        self.see(who, path, "stat")
+        return self.entry(who, path, st)
+
+    def listing(self, inode: int, who: str) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
+        path = self.store.path(inode)
+        out = []
+        for name, st in self.store.listdir(path):
+            child = self.store.join(path, name)
+            if self.perms(who, child) is not None:
+                out.append((os.fsencode(name), self.entry(who, child, st)))
+        return out
+
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+        fh: int | None, who: str,
+    ) -> pyfuse3.EntryAttributes:  # fmt: skip
+        path = self.store.path(inode)
+        if fields.update_uid or fields.update_gid:
+            raise fail(errno.EPERM)
+        self.change(who, path, "setattr")
+        try:
+            if fields.update_size:
+                f = self.store.files.get(fh) if fh is not None else None
+                if f is not None:
+                    os.ftruncate(f.fd, attr.st_size)
+                else:
+                    self.store.truncate(path, attr.st_size)
+                self.record(who, "truncate", path)
+            if fields.update_mode:
+                self.store.chmod(path, attr.st_mode & 0o7777)
+                self.record(who, "chmod", path)
+            if fields.update_atime or fields.update_mtime:
+                self.store.utime(
+                    path,
+                    attr.st_atime_ns if fields.update_atime else None,
+                    attr.st_mtime_ns if fields.update_mtime else None,
+                )
+        except OSError as e:
+            raise fail(e.errno or errno.EIO) from None
+        return self.entry(who, path, self._lstat(path))
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, who: str) -> pyfuse3.EntryAttributes:
+        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        self.change(who, path, "mkdir")
+        self._do(lambda: self.store.mkdir(path, mode & 0o7777))
+        self.record(who, "mkdir", path)
+        return self.entry(who, path, self._lstat(path))
+
+    async def rmdir(self, parent: int, name: bytes, who: str) -> None:
+        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        self._lstat(path)
+        self.change(who, path, "rmdir")
+        self._do(lambda: self.store.rmdir(path))
+        self.record(who, "rmdir", path)
+
+    async def unlink(self, parent: int, name: bytes, who: str) -> None:
+        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        self._lstat(path)
+        self.change(who, path, "unlink")
+        self._do(lambda: self.store.unlink(path))
+        self.record(who, "unlink", path)
+
+    async def rename(
+        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
+        who: str,
+    ) -> None:  # fmt: skip
+        old = self.store.join(self.store.path(old_parent), os.fsdecode(old_name))
+        new = self.store.join(self.store.path(new_parent), os.fsdecode(new_name))
+        if flags & ~RENAME_NOREPLACE:
+            raise fail(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT
+        self._lstat(old)
+        self.change(who, old, "rename")
+        self.change(who, new, "rename")
+        if flags & RENAME_NOREPLACE:
+            try:
+                self.store.lstat(new)
+                raise fail(errno.EEXIST)
+            except FileNotFoundError:
+                pass
+        self._do(lambda: self.store.rename(old, new))
+        self.store.moved(old, new)
+        self.record(who, "rename", old, to=where(new))
+
+    async def symlink(
+        self, parent: int, name: bytes, target: bytes, who: str
+    ) -> pyfuse3.EntryAttributes:
+        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        self.change(who, path, "symlink")
+        self._do(lambda: self.store.symlink(os.fsdecode(target), path))
+        self.record(who, "symlink", path)
+        return self.entry(who, path, self._lstat(path))
+
+    async def readlink(self, inode: int, who: str) -> bytes:
+        path = self.store.path(inode)
+        if "r" not in self.see(who, path, "readlink"):
+            raise self.ops._refuse(who, where(path), "readlink", f"{who} may not read this")
+        try:
+            return os.fsencode(self.store.readlink(path))
+        except OSError as e:
+            raise fail(e.errno or errno.EIO) from None
+
+    async def link(
+        self, inode: int, new_parent: int, new_name: bytes, who: str
+    ) -> pyfuse3.EntryAttributes:
+        old = self.store.path(inode)
+        new = self.store.join(self.store.path(new_parent), os.fsdecode(new_name))
+        self.change(who, old, "link")
+        self.change(who, new, "link")
+        self._do(lambda: self.store.link(old, new))
+        self.record(who, "link", new, target=where(old))
+        return self.entry(who, new, self._lstat(new))
+
+    # -- files -------------------------------------------------------------------------
+
+    def _new_fh(self, fd: int, path: str, who: str) -> int:
+        fh = self.ops._next_fh
+        self.ops._next_fh += 1
+        self.store.files[fh] = VaultFile(fd, path, who)
+        return fh
+
+    async def open(self, inode: int, flags: int, who: str) -> pyfuse3.FileInfo:
+        path = self.store.path(inode)
+        acc = flags & os.O_ACCMODE
+        read = acc in (os.O_RDONLY, os.O_RDWR)
+        write = acc in (os.O_WRONLY, os.O_RDWR) or bool(flags & os.O_TRUNC)
+        perms = self.see(who, path, "open")
+        if read and "r" not in perms:
+            raise self.ops._refuse(who, where(path), "open", f"{who} may not read this")
+        if write:
+            self.change(who, path, "open")
+        fd = self._do(lambda: self.store.open(path, flags & ~(os.O_CREAT | os.O_EXCL)))
+        if flags & os.O_TRUNC:
+            self.record(who, "truncate", path)
+        return pyfuse3.FileInfo(fh=self._new_fh(fd, path, who), keep_cache=False)
+
+    async def create(
+        self, parent: int, name: bytes, mode: int, flags: int, who: str
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        self.change(who, path, "create")
+        fd = self._do(lambda: self.store.open(path, flags | os.O_CREAT, mode & 0o7777))
+        self.record(who, "create", path)
+        info = pyfuse3.FileInfo(fh=self._new_fh(fd, path, who), keep_cache=False)
+        return info, self.entry(who, path, os.fstat(fd))
+
+    def read(self, f: VaultFile, off: int, size: int) -> bytes:
+        return self._do(lambda: os.pread(f.fd, size, off))
+
+    def write(self, f: VaultFile, off: int, buf: bytes) -> int:
+        n = self._do(lambda: os.pwrite(f.fd, buf, off))
+        if not f.written:
+            f.written = True
+            self.record(f.who, "write", f.path)
+        return n
+
+    def release(self, fh: int) -> None:
+        f = self.store.files.pop(fh, None)
+        if f is not None:
+            os.close(f.fd)
+
+    def fsync(self, f: VaultFile) -> None:
+        self._do(lambda: os.fsync(f.fd))
+
+    @staticmethod
+    def _do(fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except OutheisError:
+            raise
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise fail(e.errno or errno.EIO) from None
