@@ -60,9 +60,15 @@ class VaultOps:
             return True
         return "w" in perms and self.owners.get(domain_of(path) or "") == who
 
-    def change(self, who: str, path: str, op: str) -> None:
-        """Refuse unless `who` may change `path`; the caller then does it."""
-        perms = self.see(who, path, op)
+    def change(self, who: str, path: str, op: str, new: bool = False) -> None:
+        """Refuse unless `who` may change `path`; the caller then does it. A `new`
+        name in a folder the caller sees is EACCES, never ENOENT or EEXIST: whether
+        a hidden name exists does not leak."""
+        if new:
+            self.see(who, path.rpartition("/")[0], op)
+            perms = self.perms(who, path) or ""
+        else:
+            perms = self.see(who, path, op)
         if not self.may_change(who, path, perms):
             domain = domain_of(path)
             owner = self.owners.get(domain or "")
@@ -141,7 +147,7 @@ class VaultOps:
 
     async def mkdir(self, parent: int, name: bytes, mode: int, who: str) -> pyfuse3.EntryAttributes:
         path = self.store.join(self.store.path(parent), os.fsdecode(name))
-        self.change(who, path, "mkdir")
+        self.change(who, path, "mkdir", new=True)
         self._do(lambda: self.store.mkdir(path, mode & 0o7777))
         self.record(who, "mkdir", path)
         return self.entry(who, path, self._lstat(path))
@@ -170,7 +176,7 @@ class VaultOps:
             raise fail(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT
         self._lstat(old)
         self.change(who, old, "rename")
-        self.change(who, new, "rename")
+        self.change(who, new, "rename", new=True)
         if flags & RENAME_NOREPLACE:
             try:
                 self.store.lstat(new)
@@ -185,7 +191,7 @@ class VaultOps:
         self, parent: int, name: bytes, target: bytes, who: str
     ) -> pyfuse3.EntryAttributes:
         path = self.store.join(self.store.path(parent), os.fsdecode(name))
-        self.change(who, path, "symlink")
+        self.change(who, path, "symlink", new=True)
         self._do(lambda: self.store.symlink(os.fsdecode(target), path))
         self.record(who, "symlink", path)
         return self.entry(who, path, self._lstat(path))
@@ -205,7 +211,7 @@ class VaultOps:
         old = self.store.path(inode)
         new = self.store.join(self.store.path(new_parent), os.fsdecode(new_name))
         self.change(who, old, "link")
-        self.change(who, new, "link")
+        self.change(who, new, "link", new=True)
         self._do(lambda: self.store.link(old, new))
         self.record(who, "link", new, target=where(old))
         return self.entry(who, new, self._lstat(new))
@@ -237,7 +243,7 @@ class VaultOps:
         self, parent: int, name: bytes, mode: int, flags: int, who: str
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self.store.join(self.store.path(parent), os.fsdecode(name))
-        self.change(who, path, "create")
+        self.change(who, path, "create", new=True)
         fd = self._do(lambda: self.store.open(path, flags | os.O_CREAT, mode & 0o7777))
         self.record(who, "create", path)
         info = pyfuse3.FileInfo(fh=self._new_fh(fd, path, who), keep_cache=False)
