@@ -19,6 +19,7 @@ processes re-parented away from their agent; docs/design.md lists the limits.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -35,6 +36,7 @@ CN_IDX_PROC = 1
 PROC_CN_MCAST_LISTEN = 1
 PROC_EVENT_FORK = 0x00000001
 PROC_EVENT_EXIT = 0x80000000
+UNKNOWN = "-"  # the label of a process known to be some agent's, but not whose
 KEEP = 5.0  # seconds an exit is remembered, for watchers that ask late
 RCVBUF = 8 << 20
 
@@ -159,9 +161,12 @@ class ProcEvents:
         """The agent thread `tid` acts as, or None (not an agent's process)."""
         self.drain()
         label = self.labels.get(tid)
-        if label is not None or self._sock is not None:
+        if label is not None or (self._sock is not None and not self.lost):
             return label
-        # No connector: walk up the parents (loses re-parented orphans).
+        # No connector, or it dropped events: walk up the parents. An orphan
+        # re-parented to the server (the agents' subreaper) is some agent's
+        # descendant, but whose is unknown: the least rights.
+        server = os.getpid()
         seen = 0
         pid = tid
         while pid > 1 and seen < 64:
@@ -169,6 +174,8 @@ class ProcEvents:
             if st is None:
                 return None
             pid = st.ppid
+            if pid == server:
+                return UNKNOWN
             label = self.labels.get(pid)
             if label is not None:
                 return label
