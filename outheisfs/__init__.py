@@ -7,6 +7,8 @@ How the package fits together (one concept per module):
     ops         the pyfuse3 Operations: requests in, dispatcher calls out
     tree        the file tree as one table of rows, and inode numbering
     views       who sees what: an agent's view of the tree (unveil)
+    vault       the vault's backing folder, reached without following symlinks
+    vaultops    requests on the vault, with owners and views
     ctl         ctl commands and status text
     dispatcher  agents, queues, in-flight messages: a state machine fed by events
     inbox       one agent's queue: priority classes with aging
@@ -23,8 +25,8 @@ How the package fits together (one concept per module):
     bench       `outheisfs bench`
     errors      domain errors and their errno
 
-Only `ops`, `mount` and `floor` import pyfuse3 at module level; the rest is
-tested without FUSE.
+Only `ops`, `vault`, `vaultops`, `mount` and `floor` import pyfuse3; the
+rest is tested without FUSE.
 """
 
 __version__ = "0.1.0"

@@ -185,7 +185,12 @@ class Dispatcher:
                 return View(agent.name, agent.grants).narrowed(path, perms)
             except ValueError:  # refused before it was logged; a hand-edited log
                 return agent.grants
-        return {**agent.grants, normalize(path): perms}
+        path = normalize(path)
+        grants = dict(agent.grants)
+        if perms == "-":  # hidden: with everything granted below it
+            grants = {g: p for g, p in grants.items() if not g.startswith(path.rstrip("/") + "/")}
+        grants[path] = perms
+        return grants
 
     def record(self, events: Iterable[Event]) -> list[Event]:
         """Log events, then apply them. Raises OSError if the log refuses."""

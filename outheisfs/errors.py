@@ -14,6 +14,7 @@ class OutheisError(Exception):
     """A refusal that users see: an errno and a reason."""
 
     errno: int = errno.EIO
+    recorded = False  # set once its `error` or `denied` event is in the log
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -56,6 +56,10 @@ def concerned(ev: Event) -> set[str]:
 
 
 def streams_of(ev: Event) -> list[str]:
+    if ev.get("type") == "denied":
+        # Only in the main log: an agent reading its own log must not learn which
+        # hidden names exist from which of its attempts were refusals.
+        return []
     out = [f"{name}.log" for name in concerned(ev)]
     if ev.get("type") == "message":
         out.append(f"{ev['from']}.outbox")

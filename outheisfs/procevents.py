@@ -35,6 +35,7 @@ NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
 PROC_CN_MCAST_LISTEN = 1
 PROC_EVENT_FORK = 0x00000001
+PROC_EVENT_EXEC = 0x00000002
 PROC_EVENT_EXIT = 0x80000000
 UNKNOWN = "-"  # the label of a process known to be some agent's, but not whose
 KEEP = 5.0  # seconds an exit is remembered, for watchers that ask late
@@ -47,6 +48,8 @@ class ProcEvents:
         self._recent: dict[int, tuple[int, float]] = {}  # tgid -> (exit status, when)
         self._waiters: dict[int, trio.Event] = {}
         self.labels: dict[int, str] = {}  # tid or tgid -> agent name
+        self._threads: dict[int, set[int]] = {}  # tgid -> its labelled threads (not tgid)
+        self._left: dict[int, str] = {}  # tgid -> label, of a leader thread that exited
         self._spawning: dict[int, str] = {}  # forking thread id -> label for its children
         self._lock = threading.Lock()  # _spawning is written from worker threads
         self.lost = 0  # times the kernel dropped events (ENOBUFS)
@@ -107,26 +110,59 @@ class ProcEvents:
             return
         what = struct.unpack_from("I", data, 36)[0]
         if what == PROC_EVENT_FORK:
-            ppid, ptgid, cpid, ctgid = struct.unpack_from("IIII", data, 52)
-            label = self.labels.get(ppid) or self.labels.get(ptgid)
-            if label is None and self._spawning:
-                with self._lock:
-                    label = self._spawning.get(ppid)
+            self._fork(*struct.unpack_from("IIII", data, 52))
+        elif what == PROC_EVENT_EXEC:
+            self._exec(*struct.unpack_from("II", data, 52))
+        elif what == PROC_EVENT_EXIT:
+            self._exit(*struct.unpack_from("III", data, 52))
+
+    def _fork(self, ppid: int, ptgid: int, cpid: int, ctgid: int) -> None:
+        if cpid != ctgid:
+            # A new thread. The kernel names the process's parent as its parent;
+            # the thread is its process, whoever that is.
+            label = self.labels.get(ctgid) or self._left.get(ctgid)
             if label is not None:
                 self.labels[cpid] = label
-                self.labels[ctgid] = label
-        elif what == PROC_EVENT_EXIT:
-            pid, tgid, code, _sig = struct.unpack_from("IIII", data, 52)
-            self.labels.pop(pid, None)
-            if pid != tgid:
-                return  # a thread; the process ends with its leader
-            now = time.monotonic()
-            self._recent[tgid] = (code, now)
-            ev = self._waiters.pop(tgid, None)
-            if ev is not None:
-                ev.set()
-            if len(self._recent) > 4096:
-                self._recent = {k: v for k, v in self._recent.items() if now - v[1] < KEEP}
+                self._threads.setdefault(ctgid, set()).add(cpid)
+            return
+        # A new process: its pid may be a number an old process left behind.
+        self._left.pop(cpid, None)
+        self._threads.pop(cpid, None)
+        label = self.labels.get(ppid) or self.labels.get(ptgid)
+        if label is None and self._spawning:
+            with self._lock:
+                label = self._spawning.get(ppid)
+        if label is not None:
+            self.labels[cpid] = label
+        else:
+            self.labels.pop(cpid, None)
+
+    def _exec(self, pid: int, tgid: int) -> None:
+        # A thread that execs takes over the process's pid, and its old thread id
+        # ends without an exit event: carry the label over, forget the old ids.
+        label = self.labels.get(tgid) or self._left.pop(tgid, None)
+        for tid in self._threads.pop(tgid, set()):
+            self.labels.pop(tid, None)
+        if label is not None:
+            self.labels[tgid] = label
+
+    def _exit(self, pid: int, tgid: int, code: int) -> None:
+        label = self.labels.pop(pid, None)
+        if pid != tgid:
+            self._threads.get(tgid, set()).discard(pid)
+            return  # a thread; the process ends with its leader
+        if label is not None and self._threads.get(tgid):
+            # The leader thread is gone but others may live on (and one may exec).
+            self._left[tgid] = label
+            if len(self._left) > 4096:
+                self._left.clear()
+        now = time.monotonic()
+        self._recent[tgid] = (code, now)
+        ev = self._waiters.pop(tgid, None)
+        if ev is not None:
+            ev.set()
+        if len(self._recent) > 4096:
+            self._recent = {k: v for k, v in self._recent.items() if now - v[1] < KEEP}
 
     # -- labels -----------------------------------------------------------------------
 
@@ -174,7 +210,7 @@ class ProcEvents:
             if st is None:
                 return None
             pid = st.ppid
-            if pid == server:
+            if pid == server and self._sock is not None:
                 return UNKNOWN
             label = self.labels.get(pid)
             if label is not None:

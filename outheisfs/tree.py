@@ -56,7 +56,7 @@ ROOT_ROWS = (
     Row("ctl", Kind.ROOT_CTL, 0o440),
     Row("log", Kind.ROOT_LOG, 0o440),
     Row("agents", Kind.AGENTS, 0o770, is_dir=True),
-    Row("vault", Kind.VAULT, 0o550, is_dir=True),
+    Row("vault", Kind.VAULT, 0o770, is_dir=True),
 )
 AGENT = Row("", Kind.AGENT, 0o550, is_dir=True)
 AGENT_ROWS = (

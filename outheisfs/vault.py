@@ -146,6 +146,10 @@ class Store:
         with self.parent_fd(path) as (fd, name):
             os.mkdir(name, mode, dir_fd=fd)
 
+    def mknod(self, path: str, mode: int) -> None:
+        with self.parent_fd(path) as (fd, name):
+            os.mknod(name, mode, dir_fd=fd)
+
     def rmdir(self, path: str) -> None:
         with self.parent_fd(path) as (fd, name):
             os.rmdir(name, dir_fd=fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -141,6 +142,7 @@ class VaultOps:
                     attr.st_atime_ns if fields.update_atime else None,
                     attr.st_mtime_ns if fields.update_mtime else None,
                 )
+                self.record(who, "utime", path)
         except OSError as e:
             raise fail(e.errno or errno.EIO) from None
         return self.entry(who, path, self._lstat(path))
@@ -150,6 +152,16 @@ class VaultOps:
         self.change(who, path, "mkdir", new=True)
         self._do(lambda: self.store.mkdir(path, mode & 0o7777))
         self.record(who, "mkdir", path)
+        return self.entry(who, path, self._lstat(path))
+
+    async def mknod(self, parent: int, name: bytes, mode: int, who: str) -> pyfuse3.EntryAttributes:
+        """Regular files and FIFOs; devices and sockets have no place in a vault."""
+        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
+            raise fail(errno.EPERM)
+        self.change(who, path, "mknod", new=True)
+        self._do(lambda: self.store.mknod(path, mode))
+        self.record(who, "mknod", path)
         return self.entry(who, path, self._lstat(path))
 
     async def rmdir(self, parent: int, name: bytes, who: str) -> None:

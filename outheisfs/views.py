@@ -65,16 +65,20 @@ class View:
         self.grants = dict(grants)
         self.all_inboxes = self.grants.get("/agents/*/inbox") == "w"
 
-    def _granted(self, path: str) -> str | None:
-        """The perms of the longest grant at or above `path`; None if there is none."""
+    def _grant(self, path: str) -> str | None:
+        """The longest grant at or above `path` (HIDE included); None if none."""
         probe = path
         while True:
             if probe in self.grants:
-                perms = self.grants[probe]
-                return None if perms == HIDE else perms
+                return self.grants[probe]
             if probe == "/":
                 return None
             probe = probe.rsplit("/", 1)[0] or "/"
+
+    def _granted(self, path: str) -> str | None:
+        """The perms of the longest grant at or above `path`; None if none or hidden."""
+        grant = self._grant(path)
+        return None if grant == HIDE else grant
 
     def _leads_to_grant(self, path: str) -> bool:
         if self.all_inboxes and is_below("/agents", path):
@@ -95,6 +99,8 @@ class View:
             return self._agent_path(path, parts)
         if path in ROOT_FILES:
             return _meet(self._granted(path), ROOT_FILES[path])
+        if self._grant(path) == HIDE and path not in ("/", "/agents"):
+            return None
         granted = self._granted(path)
         if granted is not None:
             return granted
@@ -105,6 +111,8 @@ class View:
     def _agent_path(self, path: str, parts: list[str]) -> str | None:
         name = parts[1]
         own = name == self.agent
+        if not own and self._grant(path) == HIDE:
+            return None
         if len(parts) == 2:  # agents/NAME/
             if own:
                 return "r"

@@ -158,3 +158,10 @@ def test_config_grants() -> None:
     assert config_grants(config, "b") == {"/agents/*/inbox": "w", "/vault/notes": "rw"}
     assert config_grants(config, "c") == {}
     assert config_grants(config, "unknown") == {}
+
+
+def test_dash_beats_send_to_all() -> None:
+    v = view({"/agents/*/inbox": "w", "/agents/x": "-"})
+    assert v.perms("/agents/x") is None
+    assert v.perms("/agents/x/inbox") is None
+    assert not v.may_send("x") and v.may_send("y")

@@ -1,0 +1,67 @@
+"""Labels follow descent through the kernel's fork, exec and exit events [SPEC §6].
+
+Fed with the events the kernel sends, in the order it sends them (no socket)."""
+
+from __future__ import annotations
+
+from outheisfs.procevents import ProcEvents
+
+SERVER, AGENT, SHELL = 100, 200, 50
+
+
+def fresh() -> ProcEvents:
+    p = ProcEvents()
+    p.close()  # no connector: events are fed by hand below
+    p.labels[AGENT] = "a#0"
+    return p
+
+
+def test_children_and_grandchildren_carry_the_label() -> None:
+    p = fresh()
+    p._fork(AGENT, AGENT, 201, 201)
+    p._fork(201, 201, 202, 202)  # double fork
+    p._exit(201, 201, 0)  # the middle one exits: 202 is re-parented, keeps its label
+    assert p.labels.get(202) == "a#0"
+    p._fork(SHELL, SHELL, 300, 300)
+    assert 300 not in p.labels
+
+
+def test_threads_are_their_process() -> None:
+    p = fresh()
+    # The kernel names the process's parent (the server) as a new thread's parent.
+    p._fork(SERVER, SERVER, 205, AGENT)
+    assert p.labels.get(205) == "a#0"
+    p._exit(205, AGENT, 0)
+    assert 205 not in p.labels
+    # ... and a thread of an unlabelled process stays unlabelled.
+    p._fork(SHELL, SHELL, 301, 300)
+    assert 301 not in p.labels
+
+
+def test_exec_from_a_second_thread_keeps_the_label_and_drops_the_old_id() -> None:
+    p = fresh()
+    p._fork(SERVER, SERVER, 206, AGENT)  # a second thread
+    p._exit(AGENT, AGENT, 0)  # exec: the leader goes first ...
+    p._exec(AGENT, AGENT)  # ... and the thread takes over the process's pid
+    assert p.labels.get(AGENT) == "a#0"
+    assert 206 not in p.labels  # no exit event will ever come for the old id
+    p._fork(SHELL, SHELL, 206, 206)  # so a stranger reusing it gets nothing
+    assert 206 not in p.labels
+
+
+def test_a_label_dies_with_its_process_and_a_reused_pid_starts_clean() -> None:
+    p = fresh()
+    p._fork(AGENT, AGENT, 210, 210)
+    p._exit(210, 210, 9)
+    assert 210 not in p.labels
+    p._fork(SHELL, SHELL, 210, 210)
+    assert 210 not in p.labels
+
+
+def test_a_process_whose_leader_left_is_still_its_agent() -> None:
+    p = fresh()
+    p._fork(SERVER, SERVER, 207, AGENT)
+    p._exit(AGENT, AGENT, 0)  # the main thread exits, the other lives on
+    assert p.labels.get(207) == "a#0"
+    p._fork(SERVER, SERVER, 208, AGENT)  # and may start more threads
+    assert p.labels.get(208) == "a#0"
