@@ -257,29 +257,25 @@ class EventLog:
         if self._broken:
             raise OSError(5, self._broken)
         out: list[Event] = []
-        lines: list[str] = []
+        raws: list[bytes] = []
         seq = self.seq
+        _, ts = now()  # the events of one append share a timestamp
         for ev in events:
             seq += 1
-            _, ts = now()
             full: Event = {"seq": seq, "ts": ts}
             full.update(ev)
             out.append(full)
-            lines.append(dumps(full))
-        if not lines:
+            raws.append((dumps(full) + "\n").encode())
+        if not raws:
             return out
-        data = ("\n".join(lines) + "\n").encode()
-        self._write_all(data)
+        self._write_all(b"".join(raws))
         self.seq = seq
         self.mtime_ns = time.time_ns()
-        for full, line in zip(out, lines, strict=True):
-            raw = None
+        stale = self._stale
+        for full, raw in zip(out, raws, strict=True):
             for stream in streams_of(full):
-                if stream in self._stale:
-                    continue
-                if raw is None:
-                    raw = (line + "\n").encode()
-                self._stream_write(stream, raw)
+                if stream not in stale:
+                    self._stream_write(stream, raw)
         return out
 
     def _write_all(self, data: bytes) -> None:
@@ -311,10 +307,14 @@ class EventLog:
         """Add a line to a stream. Streams are derived from the main log (rebuilt
         at start), so their lines are written in batches: before the stream is
         read, once STREAM_BUFFER bytes wait, and at close."""
-        self._stream_fd(stream)
-        self._pending.setdefault(stream, []).append(raw)
-        self._stream_size[stream] += len(raw)
-        self._pending_bytes += len(raw)
+        pending = self._pending.get(stream)
+        if pending is None:
+            self._stream_fd(stream)
+            pending = self._pending[stream] = []
+        pending.append(raw)
+        n = len(raw)
+        self._stream_size[stream] += n
+        self._pending_bytes += n
         if self._pending_bytes >= STREAM_BUFFER:
             self.flush_streams()
 

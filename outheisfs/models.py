@@ -6,7 +6,6 @@ pydantic; envelopes (JSON objects) are checked by the `Envelope` model.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
@@ -24,7 +23,8 @@ RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 # -- ids and timestamps ---------------------------------------------------------------
 
 _B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _B32.encode())
+_PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits -> two digits
+_SHIFTS = range(120, -1, -10)
 _last_ms = 0
 _last_rand = 0
 
@@ -40,8 +40,9 @@ def new_id() -> str:
         rand = int.from_bytes(os.urandom(10), "big")
     _last_ms, _last_rand = ms, rand
     n = (ms << 80) | (rand & ((1 << 80) - 1))
-    # 160 bits are 32 base32 digits; the 128-bit id is the last 26 of them.
-    return base64.b32encode(n.to_bytes(20, "big"))[6:].translate(_TO_CROCKFORD).decode()
+    # 26 base32 digits (130 bits, the top 2 zero), two digits per table lookup.
+    p = _PAIRS
+    return "".join([p[(n >> s) & 1023] for s in _SHIFTS])
 
 
 def is_id(s: object) -> bool:
@@ -67,8 +68,12 @@ def parse_ts(ts: str) -> float:
     return datetime.fromisoformat(ts).timestamp()
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    """Compact JSON, UTF-8 as is (one encoder: json.dumps builds one per call)."""
+    return _ENCODER.encode(obj)
 
 
 # -- a message in the system ---------------------------------------------------------
