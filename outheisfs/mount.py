@@ -191,6 +191,7 @@ async def serve(opts: Options, ready: Ready) -> None:
         d.note({"type": "umount", "mountpoint": str(opts.mountpoint)})
         elog.close()
         pyfuse3.close(unmount=True)
+        os.ftruncate(lock_fd, 0)  # no pid left behind for someone to signal later
         os.close(lock_fd)
 
 
