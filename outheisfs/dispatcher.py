@@ -9,6 +9,7 @@ and never rewrites a body. It does not know about FUSE or processes; the callers
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .models import INFLIGHT, Draft, Message, new_id, parse_ts
 from .views import View, config_grants, normalize
 
 USER = "user"
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -201,11 +203,12 @@ class Dispatcher:
         return out
 
     def note(self, ev: Event) -> None:
-        """Log an event that changes no state (error, denied, ...); never raises."""
+        """Log an event that changes no state (error, denied, ...); never raises:
+        a report must not turn into a failure of what it reports."""
         try:
             self.record([ev])
-        except OSError:
-            pass
+        except Exception:  # a full disk, a name that cannot be encoded
+            log.exception("event not logged: %s", ev.get("type"))
 
     # -- operations ----------------------------------------------------------------------
 

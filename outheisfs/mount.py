@@ -95,7 +95,7 @@ def check_mountpoint(mp: Path) -> None:
 
 def lock_state(state: Path) -> int:
     try:
-        state.mkdir(parents=True, exist_ok=True)
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(state / "lock", os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as e:
         raise MountError(f"state folder {state}: {e.strerror}") from None
@@ -231,7 +231,7 @@ def run_foreground(opts: Options, ready_fd: int | None) -> int:
 
 def start_background(argv: list[str], state: Path) -> int:
     """Start the server detached; return once it answers, or report why not."""
-    state.mkdir(parents=True, exist_ok=True)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
     r, w = os.pipe()
     logf = open(state / "server.log", "ab")
     cmd = [sys.executable, "-m", "outheisfs", *argv, "--foreground", "--ready-fd", str(w)]

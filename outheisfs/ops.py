@@ -47,6 +47,7 @@ from .views import NOBODY, View
 log = logging.getLogger(__name__)
 
 CLOSE_GRACE = 0.5  # seconds a reader that closed may still fail its message
+DENIED_BURST, DENIED_RATE = 1000.0, 100.0  # `denied` events per agent: burst, then per second
 QUIET = {errno.EINTR}  # a refusal that is normal, not an `error` event
 XATTR_PID = b"user.outheisfs.pid"
 
@@ -125,6 +126,7 @@ class Operations(pyfuse3.Operations):
             self.tree.add_agent(name)
         self.handles: dict[int, Handle] = {}
         self.dirs: dict[int, tuple[int, str]] = {}  # open folders: fh -> (inode, who)
+        self._denied: dict[str, tuple[float, float, int]] = {}  # who -> (tokens, when, unlogged)
         self.store = Store(log_.state / "vault", VAULT_INODE)
         for domain in dispatcher.config.vault:
             (self.store.root / domain).mkdir(exist_ok=True)
@@ -192,7 +194,20 @@ class Operations(pyfuse3.Operations):
             return
         e.recorded = True
         if isinstance(e, (Hidden, NoRight)):
-            self.d.note({"type": "denied", "who": who, "op": op, "path": where, "why": e.reason})
+            # An agent looping on refusals must not fill the disk: past a burst,
+            # at most DENIED_RATE events a second each; the next one logged says
+            # how many were left out.
+            now = time.monotonic()
+            tokens, last, dropped = self._denied.get(who, (DENIED_BURST, now, 0))
+            tokens = min(DENIED_BURST, tokens + (now - last) * DENIED_RATE)
+            if tokens < 1:
+                self._denied[who] = (tokens, now, dropped + 1)
+                return
+            ev: Event = {"type": "denied", "who": who, "op": op, "path": where, "why": e.reason}
+            if dropped:
+                ev["unlogged"] = dropped
+            self._denied[who] = (tokens - 1, now, 0)
+            self.d.note(ev)
             return
         if e.errno not in QUIET:
             self.d.note(
@@ -738,10 +753,13 @@ class Operations(pyfuse3.Operations):
             code = await self.procs.wait(pid, start, CLOSE_GRACE)
         finally:
             self.settling.discard(msg)
-        if code is not None and procinfo.abnormal(code):
-            self.d.retry(msg, f"reader {describe_exit(code)} after closing")
-        else:
-            self.d.ack(msg, who)
+        try:
+            if code is not None and procinfo.abnormal(code):
+                self.d.retry(msg, f"reader {describe_exit(code)} after closing")
+            else:
+                self.d.ack(msg, who)
+        except OSError as e:  # the log refused (a full disk): it stays in flight
+            log.error("message %s stays in flight: %s", msg.id, e)
 
     def settle_all(self) -> None:
         """At shutdown: closed files' messages count as handled."""

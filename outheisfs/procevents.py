@@ -39,7 +39,8 @@ PROC_EVENT_EXEC = 0x00000002
 PROC_EVENT_EXIT = 0x80000000
 UNKNOWN = "-"  # the label of a process known to be some agent's, but not whose
 KEEP = 5.0  # seconds an exit is remembered, for watchers that ask late
-RCVBUF = 8 << 20
+RCVBUF = 64 << 20
+SO_RCVBUFFORCE = 33  # not in the socket module
 
 
 class ProcEvents:
@@ -50,6 +51,7 @@ class ProcEvents:
         self.labels: dict[int, str] = {}  # tid or tgid -> agent name
         self._threads: dict[int, set[int]] = {}  # tgid -> its labelled threads (not tgid)
         self._left: dict[int, str] = {}  # tgid -> label, of a leader thread that exited
+        self._server = os.getpid()
         self._spawning: dict[int, str] = {}  # forking thread id -> label for its children
         self._lock = threading.Lock()  # _spawning is written from worker threads
         self.lost = 0  # times the kernel dropped events (ENOBUFS)
@@ -63,7 +65,10 @@ class ProcEvents:
     def _connect(self) -> None:
         try:
             s = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+            try:  # root may pass the rmem_max cap: an agent's fork storm must not fill it
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
             s.bind((0, CN_IDX_PROC))
             op = struct.pack("I", PROC_CN_MCAST_LISTEN)
             cn = struct.pack("IIIIHH", CN_IDX_PROC, 1, 0, 0, len(op), 0) + op
@@ -132,6 +137,10 @@ class ProcEvents:
         if label is None and self._spawning:
             with self._lock:
                 label = self._spawning.get(ppid)
+        if label is None and ptgid == self._server:
+            # The server starts processes only for agents (labelled above); any
+            # other child of it descends from an orphan it adopted: some agent's.
+            label = UNKNOWN
         if label is not None:
             self.labels[cpid] = label
         else:

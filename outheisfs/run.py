@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from .confine import forbid_clone_parent
+
 XATTR_PID = "user.outheisfs.pid"
 
 
@@ -56,6 +58,7 @@ def run(mp: Path, name: str, cmd: list[str]) -> int:
     if not cmd:
         raise RunError("run: no command given (outheisfs run NAME -- COMMAND [ARG...])", 2)
     bind(mp, name)
+    forbid_clone_parent()  # a child of no agent could not be told from the operator's
     env = dict(os.environ, OUTHEIS_AGENT=name, OUTHEIS_MOUNT=str(mp))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -35,6 +35,7 @@ from typing import TypeVar
 import trio
 
 from .config import AgentConfig
+from .confine import installer
 from .dispatcher import Agent, Dispatcher
 from .errors import BadInput
 from .procevents import ProcEvents
@@ -175,13 +176,16 @@ class Spawner:
 
 
 def _die_with_server(server: int) -> Callable[[], None]:
-    """For the child, before exec: SIGKILL when the server dies, even by SIGKILL."""
+    """For the child, before exec: SIGKILL when the server dies, even by SIGKILL;
+    and no clone(CLONE_PARENT) for it or its descendants (see confine.py)."""
     libc = ctypes.CDLL(None, use_errno=True)
+    confine = installer()
 
     def child() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != server:  # the server died before the prctl
             os._exit(1)
+        confine()
 
     return child
 

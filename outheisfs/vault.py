@@ -76,6 +76,10 @@ class Store:
     def join(parent: str, name: str) -> str:
         if not name or "/" in name or name in (".", ".."):
             raise fail(errno.EINVAL)
+        try:
+            name.encode()
+        except UnicodeEncodeError:  # a name that is not UTF-8 could not be logged
+            raise fail(errno.EINVAL) from None
         return f"{parent}/{name}" if parent else name
 
     def number(self, path: str, st: os.stat_result) -> int:
@@ -87,6 +91,13 @@ class Store:
             self._numbers[key] = inode
         self._paths[inode] = path
         return inode
+
+    def forget(self, path: str) -> None:
+        """The name is gone: numbers that knew the entry by it (or below it) drop it,
+        so a request by number never reaches whatever takes the name next."""
+        for inode, p in list(self._paths.items()):
+            if (p == path or p.startswith(path + "/")) and inode != self.root_inode:
+                del self._paths[inode]
 
     def moved(self, old: str, new: str) -> None:
         """After a rename: every known path at or below `old` is now below `new`."""
@@ -139,8 +150,17 @@ class Store:
             os.close(fd)
 
     def open(self, path: str, flags: int, mode: int = 0o644) -> int:
-        with self.parent_fd(path) as (fd, name):
-            return os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=fd)
+        """Regular files only, opened without blocking (a FIFO put in the backing
+        folder from outside would otherwise hang the server)."""
+        with self.parent_fd(path) as (pfd, name):
+            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=pfd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise fail(errno.EPERM)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def mkdir(self, path: str, mode: int) -> None:
         with self.parent_fd(path) as (fd, name):

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 RENAME_NOREPLACE = 1
 T = TypeVar("T")
+# Files the server makes belong to its user (root): never setuid, setgid or
+# sticky, never writable by group or others (who could then bypass the server).
+SAFE_MODE = 0o755
 
 
 def where(path: str) -> str:
@@ -77,6 +80,15 @@ class VaultOps:
                 f"{where(path)} belongs to {owner}" if owner else f"{where(path)} is the operator's"
             )
             raise self.ops._refuse(who, where(path), op, why)
+
+    def _narrowed_below(self, who: str, path: str) -> bool:
+        """Whether the caller has a grant strictly below `path` (rights there
+        differ from the folder's, and a rename would carry or drop them)."""
+        if who == USER:
+            return False
+        agent = self.ops.d.agents.get(who)
+        top = where(path) + "/"
+        return agent is not None and any(g.startswith(top) for g in agent.grants)
 
     def record(self, who: str, op: str, path: str, **more: str) -> None:
         self.ops.d.note({"type": "vault", "who": who, "op": op, "path": where(path), **more})
@@ -134,7 +146,7 @@ class VaultOps:
                     self.store.truncate(path, attr.st_size)
                 self.record(who, "truncate", path)
             if fields.update_mode:
-                self.store.chmod(path, attr.st_mode & 0o7777)
+                self.store.chmod(path, attr.st_mode & SAFE_MODE)
                 self.record(who, "chmod", path)
             if fields.update_atime or fields.update_mtime:
                 self.store.utime(
@@ -150,17 +162,18 @@ class VaultOps:
     async def mkdir(self, parent: int, name: bytes, mode: int, who: str) -> pyfuse3.EntryAttributes:
         path = self.store.join(self.store.path(parent), os.fsdecode(name))
         self.change(who, path, "mkdir", new=True)
-        self._do(lambda: self.store.mkdir(path, mode & 0o7777))
+        self._do(lambda: self.store.mkdir(path, mode & SAFE_MODE))
         self.record(who, "mkdir", path)
         return self.entry(who, path, self._lstat(path))
 
     async def mknod(self, parent: int, name: bytes, mode: int, who: str) -> pyfuse3.EntryAttributes:
-        """Regular files and FIFOs; devices and sockets have no place in a vault."""
+        """Regular files only: the kernel opens FIFOs and devices without asking
+        the server, so no view would apply to them."""
         path = self.store.join(self.store.path(parent), os.fsdecode(name))
-        if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
+        if not stat.S_ISREG(mode):
             raise fail(errno.EPERM)
         self.change(who, path, "mknod", new=True)
-        self._do(lambda: self.store.mknod(path, mode))
+        self._do(lambda: self.store.mknod(path, mode & (SAFE_MODE | stat.S_IFREG)))
         self.record(who, "mknod", path)
         return self.entry(who, path, self._lstat(path))
 
@@ -169,6 +182,7 @@ class VaultOps:
         self._lstat(path)
         self.change(who, path, "rmdir")
         self._do(lambda: self.store.rmdir(path))
+        self.store.forget(path)
         self.record(who, "rmdir", path)
 
     async def unlink(self, parent: int, name: bytes, who: str) -> None:
@@ -176,6 +190,7 @@ class VaultOps:
         self._lstat(path)
         self.change(who, path, "unlink")
         self._do(lambda: self.store.unlink(path))
+        self.store.forget(path)
         self.record(who, "unlink", path)
 
     async def rename(
@@ -189,6 +204,9 @@ class VaultOps:
         self._lstat(old)
         self.change(who, old, "rename")
         self.change(who, new, "rename", new=True)
+        if self._narrowed_below(who, old) or self._narrowed_below(who, new):
+            why = "a path below it is granted differently: moving it would change that view"
+            raise self.ops._refuse(who, where(old), "rename", why)
         if flags & RENAME_NOREPLACE:
             try:
                 self.store.lstat(new)
@@ -196,6 +214,7 @@ class VaultOps:
             except FileNotFoundError:
                 pass
         self._do(lambda: self.store.rename(old, new))
+        self.store.forget(new)
         self.store.moved(old, new)
         self.record(who, "rename", old, to=where(new))
 
@@ -256,7 +275,7 @@ class VaultOps:
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         path = self.store.join(self.store.path(parent), os.fsdecode(name))
         self.change(who, path, "create", new=True)
-        fd = self._do(lambda: self.store.open(path, flags | os.O_CREAT, mode & 0o7777))
+        fd = self._do(lambda: self.store.open(path, flags | os.O_CREAT, mode & SAFE_MODE))
         self.record(who, "create", path)
         info = pyfuse3.FileInfo(fh=self._new_fh(fd, path, who), keep_cache=False)
         return info, self.entry(who, path, os.fstat(fd))

@@ -204,3 +204,35 @@ def test_the_server_never_follows_a_symlink_in_the_backing_folder(tmp_path: Path
         store.open("notes/escape", os.O_RDONLY)
     assert (outside / "secret").read_text() == "secret"
     store.close()
+
+
+def test_no_setuid_no_fifo_no_hang(vault: Server) -> None:
+    """Files the server makes are root's: modes are masked; only regular files."""
+    notes = vault.p("vault", "notes")
+    f = notes / "tool"
+    f.write_text("#!/bin/sh\n")
+    os.chmod(f, 0o4777)
+    assert stat.S_IMODE(os.stat(vault.state / "vault" / "notes" / "tool").st_mode) == 0o755
+    os.mkdir(notes / "open", 0o777)
+    assert stat.S_IMODE(os.stat(vault.state / "vault" / "notes" / "open").st_mode) == 0o755
+    with pytest.raises(OSError) as e:
+        os.mkfifo(notes / "pipe")
+    assert e.value.errno == errno.EPERM
+    os.mkfifo(vault.state / "vault" / "notes" / "planted")  # put there from outside
+    r = as_agent(vault, "owner", "timeout 5 cat vault/notes/planted; echo status $?")
+    assert "status 1" in r  # refused at once, the server did not block
+    assert vault.p("ctl").read_text()  # and still answers
+
+
+def test_a_rename_cannot_carry_a_narrowed_path_out_of_its_grant(vault: Server) -> None:
+    secret = vault.p("vault", "notes", "x", "secret")
+    secret.mkdir(parents=True)
+    (secret / "s").write_text("s")
+    out = as_agent(
+        vault,
+        "owner",  # narrows its own view, then tries to move the hidden part out of it
+        "echo 'unveil /vault/notes/x/secret -' > agents/owner/ctl; "
+        "cat vault/notes/x/secret/s; mv vault/notes/x vault/notes/y",
+    )
+    assert "No such file" in out and "Permission denied" in out
+    assert (vault.p("vault", "notes", "x", "secret", "s")).read_text() == "s"

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import PY, Server, take, wait_for
+from .conftest import PY, Server, outheisfs, take, wait_for
 
 pytestmark = pytest.mark.mount
 
@@ -956,3 +956,32 @@ def test_a_refused_send_is_one_denied_event_naming_the_recipient(
     assert me.one(["send", str(server.agent("me", "outbox")), body]) == "EACCES"
     denied = [(e["who"], e["op"], e["path"]) for e in events.new() if e["type"] == "denied"]
     assert denied == [("me", "send", "/agents/peer/inbox")]
+
+
+CLONE_PARENT_PROBE = """
+import ctypes, os, platform
+libc = ctypes.CDLL(None, use_errno=True)
+nr = {"x86_64": 56, "aarch64": 220}[platform.machine()]
+r = libc.syscall(nr, 0x8000 | 17, 0, 0, 0, 0)  # clone(CLONE_PARENT | SIGCHLD)
+if r == 0:
+    os._exit(0)
+print("allowed" if r > 0 else os.strerror(ctypes.get_errno()))
+"""
+
+
+def test_agents_cannot_clone_a_child_of_their_parent(server: Server) -> None:
+    """clone(CLONE_PARENT) would give a child that descends from no agent: refused
+    to `run` agents and to supervised ones (and to everything they start)."""
+    server.write_config(
+        f"[agents.sup]\ncommand = {json.dumps([PY, '-c', CLONE_PARENT_PROBE])}\n"
+        'restart = "temporary"\n'
+    )
+    server.mount()
+    r = outheisfs("run", "me", "--mount", str(server.mp), "--", PY, "-c", CLONE_PARENT_PROBE)
+    assert r.stdout.strip() == "Operation not permitted", r.stdout + r.stderr
+    out = server.state / "output" / "sup.log"
+    wait_for(lambda: out.exists() and out.read_text().strip(), timeout=10)
+    assert out.read_text().strip() == "Operation not permitted"
+    # The operator is not confined.
+    r = subprocess.run([PY, "-c", CLONE_PARENT_PROBE], capture_output=True, text=True)
+    assert r.stdout.strip() == "allowed"

@@ -65,3 +65,16 @@ def test_a_process_whose_leader_left_is_still_its_agent() -> None:
     assert p.labels.get(207) == "a#0"
     p._fork(SERVER, SERVER, 208, AGENT)  # and may start more threads
     assert p.labels.get(208) == "a#0"
+
+
+def test_a_child_of_the_server_that_it_did_not_start_is_no_one() -> None:
+    p = fresh()
+    p._server = SERVER
+    p._fork(SERVER, SERVER, 220, 220)  # e.g. clone(CLONE_PARENT) from an agent's process
+    assert p.labels.get(220) == "-"
+    with p.spawning("b#0"):  # a process the server starts for an agent
+        import threading
+
+        tid = threading.get_native_id()
+        p._fork(tid, SERVER, 221, 221)
+    assert p.labels.get(221) == "b#0"
