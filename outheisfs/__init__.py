@@ -19,6 +19,7 @@ How the package fits together (one concept per module):
     parking     requests that wait, and the signals that end them
     procinfo    what /proc says about a process (state, exit, parent)
     procevents  forks and exits from the kernel: which agent a process is
+    confine     the seccomp filter agent processes run under
     supervisor  agent processes started, watched, restarted (OTP policies)
     run         `outheisfs run`: a command bound to an agent
     floor       the minimal pyfuse3 filesystem the benchmark compares with
