@@ -61,6 +61,20 @@ def clock() -> MockClock:
 # -- the rules, apart from processes ---------------------------------------------------
 
 
+# OTP's meanings: (policy, how the process ended, restarted?)
+OTP_RULES = [
+    ("permanent", EXIT0, True),
+    ("permanent", EXIT3, True),
+    ("permanent", KILLED, True),
+    ("transient", EXIT0, False),
+    ("transient", EXIT3, True),
+    ("transient", KILLED, True),
+    ("temporary", EXIT0, False),
+    ("temporary", EXIT3, False),
+    ("temporary", KILLED, False),
+]
+
+
 @pytest.mark.parametrize(
     ("status", "expected"),
     [
@@ -87,17 +101,7 @@ def test_abnormal(status: int, expected: bool) -> None:
 
 @pytest.mark.parametrize(
     ("policy", "status", "expected"),
-    [
-        ("permanent", EXIT0, True),
-        ("permanent", EXIT3, True),
-        ("permanent", KILLED, True),
-        ("transient", EXIT0, False),
-        ("transient", EXIT3, True),
-        ("transient", KILLED, True),
-        ("temporary", EXIT0, False),
-        ("temporary", EXIT3, False),
-        ("temporary", KILLED, False),
-    ],
+    OTP_RULES,
 )
 def test_should_restart(policy: str, status: int, expected: bool) -> None:
     assert should_restart(policy, status) is expected
@@ -407,17 +411,7 @@ async def test_start_after_failed_resets_the_intensity(
 
 @pytest.mark.parametrize(
     ("policy", "status", "restarted"),
-    [
-        ("permanent", EXIT0, True),
-        ("permanent", EXIT1, True),
-        ("permanent", KILLED, True),
-        ("transient", EXIT0, False),
-        ("transient", EXIT1, True),
-        ("transient", KILLED, True),
-        ("temporary", EXIT0, False),
-        ("temporary", EXIT1, False),
-        ("temporary", KILLED, False),
-    ],
+    OTP_RULES,
 )
 async def test_one_exit_under_each_policy(
     world: Callable[..., World], clock: MockClock, policy: str, status: int, restarted: bool
