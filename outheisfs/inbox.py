@@ -51,9 +51,12 @@ class Inbox:
         return best
 
     def taken(self, msg: Message) -> None:
-        """`msg` left the queue (delivered or dead); its heap entry goes stale."""
+        """`msg` left the queue (delivered or dead); its heap entry goes stale.
+        Stale entries at the head go now: a replay takes messages without
+        peeking, and the heap must not keep every message the log ever held."""
         msg.gen += 1
         self._count -= 1
+        self._head(self._heaps[RANK.get(msg.priority, 1)])
 
     def messages(self) -> list[Message]:
         """Queued messages in serving order at the moment (for replay output)."""

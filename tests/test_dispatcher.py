@@ -576,3 +576,20 @@ def test_mkdir_agent_survives_mounts(tmp_path: Path) -> None:
     d, log = mount_with(tmp_path, {})
     assert "helper" in d.agents
     log.close()
+
+
+def test_a_queue_keeps_nothing_of_messages_taken_without_peeking() -> None:
+    """Replay takes messages (deliver events) without asking which is next: the
+    heap must not keep every message the log ever held (memory follows what is
+    pending, not the log's length [SPEC §5])."""
+    from outheisfs.inbox import Inbox
+    from outheisfs.models import new_id
+
+    q = Inbox(aging=10.0)
+    for seq in range(1, 1001):
+        prio = PRIORITIES[seq % 3]
+        m = Message(new_id(), seq, "a", "b", "2026-01-01T00:00:00.000000Z", 0.0, prio, "x", None)
+        q.push(m)
+        q.taken(m)
+    assert len(q) == 0
+    assert sum(len(h) for h in q._heaps) == 0
