@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PY, Server, outheisfs
+from .conftest import PY, Server, outheisfs, take
 
 WRITER = Path(__file__).parent / "agents" / "numbered_writer.py"
 SOAK = int(os.environ.get("OUTHEISFS_SOAK", "0"))
@@ -80,3 +80,32 @@ def test_server_killed_under_load_loses_nothing(server: Server, durability: str)
         server.mount()
     assert totals["acknowledged"] > 0
     print(f"{durability}: {rounds} rounds, {dict(totals)}")
+
+
+def test_server_death_frees_every_waiting_client_and_the_next_mount_works(
+    server: Server,
+) -> None:
+    """Blocked readers and a writer blocked on a full inbox get an error at once;
+    none hangs; a new mount over the stale one serves again [SPEC §2, §4.2]."""
+    server.write_config("max_queue = 1\n[agents.full]\n[agents.empty]\n")
+    server.mount()
+    server.send("full", "fills it")
+    full_inbox, empty_inbox = server.agent("full", "inbox"), server.agent("empty", "inbox")
+    waiting = [
+        subprocess.Popen(["cat", str(empty_inbox)], stderr=subprocess.DEVNULL),
+        subprocess.Popen(["cat", str(empty_inbox)], stderr=subprocess.DEVNULL),
+        subprocess.Popen(
+            ["bash", "-c", f"echo waits for room > {full_inbox}"], stderr=subprocess.DEVNULL
+        ),
+    ]
+    time.sleep(0.5)
+    assert all(p.poll() is None for p in waiting), "they wait"
+    server.kill9()
+    t0 = time.monotonic()
+    codes = [p.wait(timeout=5) for p in waiting]
+    assert time.monotonic() - t0 < 2
+    assert all(c != 0 for c in codes), codes
+    server.mount()  # over the stale mount
+    (msg,) = take(server, "full", 1)
+    assert msg["body"] == "fills it"
+    assert server.status("full")["queued"] == "0"  # not the write that never returned
