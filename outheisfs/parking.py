@@ -49,17 +49,15 @@ class Waiter:
 
 def pending(status: bytes) -> bool | None:
     """From /proc/TID/status text: an unblocked signal pending? None if unreadable."""
-    pnd = shd = blk = None
-    for line in status.split(b"\n"):
-        if line.startswith(b"SigPnd:"):
-            pnd = int(line[7:], 16)
-        elif line.startswith(b"ShdPnd:"):
-            shd = int(line[7:], 16)
-        elif line.startswith(b"SigBlk:"):
-            blk = int(line[7:], 16)
-            break
-    if pnd is None or shd is None or blk is None:
-        return None
+    values = []
+    for key in (b"\nSigPnd:", b"\nShdPnd:", b"\nSigBlk:"):
+        at = status.find(key)
+        if at < 0:
+            return None
+        start = at + len(key)
+        end = status.find(b"\n", start)
+        values.append(int(status[start : end if end >= 0 else None], 16))
+    pnd, shd, blk = values
     return bool((pnd | shd) & ~blk)
 
 
