@@ -115,14 +115,13 @@ def lock_state(state: Path) -> int:
 # -- the server ----------------------------------------------------------------------
 
 
-async def serve(opts: Options, ready: Ready) -> None:
-    """Mount and serve until unmounted or told to stop (SIGTERM, SIGINT, SIGHUP)."""
-    check_fuse()
-    check_mountpoint(opts.mountpoint)
-    lock_fd = lock_state(opts.state)
-    procinfo.raise_nofile()
-    elog = EventLog(opts.state, opts.durability)
-    d = Dispatcher(opts.config, elog)
+def recover(
+    config: Config, state: Path, durability: str, mountpoint: Path
+) -> tuple[Dispatcher, EventLog]:
+    """What every start does: replay the log (cutting a torn tail), install the
+    config, record the mount, and queue again what was in flight [SPEC §5]."""
+    elog = EventLog(state, durability)
+    d = Dispatcher(config, elog)
     try:
         report = elog.open(d.apply)
     except LogDamaged as e:
@@ -143,14 +142,24 @@ async def serve(opts: Options, ready: Ready) -> None:
         [
             {
                 "type": "mount",
-                "mountpoint": str(opts.mountpoint),
+                "mountpoint": str(mountpoint),
                 "pid": os.getpid(),
-                "durability": opts.durability,
-                "agents": {n: a.priority for n, a in opts.config.agents.items()},
+                "durability": durability,
+                "agents": {n: a.priority for n, a in config.agents.items()},
             }
         ]
     )
     d.requeue_inflight()
+    return d, elog
+
+
+async def serve(opts: Options, ready: Ready) -> None:
+    """Mount and serve until unmounted or told to stop (SIGTERM, SIGINT, SIGHUP)."""
+    check_fuse()
+    check_mountpoint(opts.mountpoint)
+    lock_fd = lock_state(opts.state)
+    procinfo.raise_nofile()
+    d, elog = recover(opts.config, opts.state, opts.durability, opts.mountpoint)
     procs = ProcEvents()
     ops = Operations(d, elog, procs)
     supervisor = Supervisor(
