@@ -847,6 +847,8 @@ class Operations(pyfuse3.Operations):
             self.supervisor._runner(name)  # an agent without a command: EINVAL
         elif cmd.name == "bind" and name == USER:
             raise BadInput("bind: 'user' is the operator, not an agent to run as")
+        elif cmd.name == "unveil" and name == USER:
+            raise BadInput("unveil: 'user' is the operator, who sees the whole tree")
         elif cmd.name == "unveil":
             if who == name:
                 try:
@@ -875,14 +877,13 @@ class Operations(pyfuse3.Operations):
             assert self.supervisor is not None
             await getattr(self.supervisor, cmd.name)(name)
         elif cmd.name == "ack":
+            one = cmd.args[0] if cmd.args else None
+            if one is not None and one not in self.d.agents[name].inflight:
+                return  # acknowledged by an earlier command of the same write
             for hd in self.handles.values():
-                if (
-                    hd.msg is not None
-                    and hd.node.agent == name
-                    and (not cmd.args or hd.msg.id == cmd.args[0])
-                ):
+                if hd.msg is not None and hd.node.agent == name and one in (None, hd.msg.id):
                     hd.msg, hd.rest = None, b""
-            self.d.ack_all(name, who, cmd.args[0] if cmd.args else None)
+            self.d.ack_all(name, who, one)
 
 
 _STREAMS: dict[Kind, str | None] = {
