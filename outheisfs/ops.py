@@ -600,6 +600,10 @@ class Operations(pyfuse3.Operations):
         h = self._handle(fh)
         try:
             lines = h.lines.feed(buf)
+            if h.lines.partial and not h.pid:
+                # How the writer ends decides the fate of this line; if the opening
+                # thread is gone by then, its process tells (see `flush`).
+                self._learn_opener(h)
             if lines:
                 await self._write_lines(h, lines)
         except OutheisError as e:
@@ -628,6 +632,11 @@ class Operations(pyfuse3.Operations):
             if h.lines.partial and procinfo.killed_by_signal(code):
                 h.lines.reset()
                 h.dropped = True
+        elif h.lines.partial and st is not None and self._opener_holds(h):
+            # A copy was closed while the opener still has the file open for
+            # writing: bash's `printf ... >&3` closes a dup of fd 3, a child that
+            # inherited the file exits. The line may go on; it waits.
+            return
         if h.lines.partial:
             rest = h.lines.take_rest()
             try:
@@ -729,6 +738,9 @@ class Operations(pyfuse3.Operations):
         h.pid = procinfo.tgid(h.tid)
         st = procinfo.stat(h.pid)
         h.start = st.start if st else 0
+
+    def _opener_holds(self, h: Handle) -> bool:
+        return procinfo.holds_for_writing(h.pid or h.tid, h.node.inode, h.path)
 
     def _opener_stat(self, h: Handle) -> procinfo.Stat | None:
         st = procinfo.stat(h.tid)

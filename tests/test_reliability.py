@@ -1,10 +1,15 @@
-"""Faults lose nothing: the server killed under load [SPEC §4.2, §5, §8].
+"""Faults and bad input lose nothing [SPEC §4.2, §5, §8], through real mounts.
 
-Writers send uniquely numbered messages as fast as they can; the server is
-killed with SIGKILL at a random moment; a new mount replays the log. Every
-message whose write returned success must be there once; nothing else may be
-there but the one message each writer had in flight when the server died.
-OUTHEISFS_SOAK=N runs N rounds per durability instead of a few.
+- The server killed under load: writers send uniquely numbered messages as fast
+  as they can; the server is killed with SIGKILL at a random moment; a new mount
+  replays the log. Every message whose write returned success must be there
+  once; nothing else may be there but the one message each writer had in flight
+  when the server died.
+- The server's death frees every waiting client at once.
+- A writer killed in the middle of a line delivers nothing of that line; an
+  unterminated line of a writer that exits without being killed is a message.
+
+OUTHEISFS_SOAK=N runs N rounds of the randomised tests instead of a few.
 """
 
 from __future__ import annotations
@@ -12,14 +17,18 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .conftest import PY, Server, outheisfs, take
+from .conftest import PY, Server, outheisfs, take, wait_for
+
+pytestmark = pytest.mark.mount
 
 WRITER = Path(__file__).parent / "agents" / "numbered_writer.py"
 SOAK = int(os.environ.get("OUTHEISFS_SOAK", "0"))
@@ -109,3 +118,253 @@ def test_server_death_frees_every_waiting_client_and_the_next_mount_works(
     (msg,) = take(server, "full", 1)
     assert msg["body"] == "fills it"
     assert server.status("full")["queued"] == "0"  # not the write that never returned
+
+
+# -- writers killed in the middle of a line [SPEC §4.2] ----------------------------------
+
+# Each writer sends a whole line, then the first half of another in a second
+# write(2), says "ready" and waits to be killed before the second half.
+HALF_WRITERS = {
+    "python": [
+        PY,
+        "-c",
+        """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY)
+os.write(fd, b"whole line\\n")
+os.write(fd, b"first half of a line, ")
+print("ready", flush=True)
+time.sleep(60)
+os.write(fd, b"second half\\n")
+""",
+    ],
+    # The file is opened and written by a thread that is not the main one.
+    "python-thread": [
+        PY,
+        "-c",
+        """
+import os, sys, threading, time
+ready = threading.Event()
+def write():
+    fd = os.open(sys.argv[1], os.O_WRONLY)
+    os.write(fd, b"whole line\\n")
+    os.write(fd, b"first half of a line, ")
+    ready.set()
+    time.sleep(60)
+    os.write(fd, b"second half\\n")
+threading.Thread(target=write, daemon=True).start()
+ready.wait()
+print("ready", flush=True)
+time.sleep(60)
+""",
+    ],
+    # `exec sleep` keeps the shell's descriptor in the same process.
+    "bash": [
+        "bash",
+        "-c",
+        'exec 3>"$1"; printf "whole line\\n" >&3; printf "first half of a line, " >&3;'
+        " echo ready; exec sleep 60",
+        "bash",
+    ],
+}
+
+
+def nothing_more(server: Server, name: str) -> bool:
+    """The inbox is empty: a non-blocking read says EAGAIN."""
+    fd = os.open(server.agent(name, "inbox"), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        os.read(fd, 1 << 21)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def take_all(server: Server, name: str) -> list[dict[str, Any]]:
+    """Every queued message, read whole however long (one open file, non-blocking)."""
+    out: list[dict[str, Any]] = []
+    fd = os.open(server.agent(name, "inbox"), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        line = b""
+        while True:
+            try:
+                line += os.read(fd, 1 << 20)
+            except BlockingIOError:
+                assert line == b"", "a read that stopped in the middle of a message"
+                return out
+            if line.endswith(b"\n"):
+                out.append(json.loads(line))
+                line = b""
+    finally:
+        os.close(fd)
+
+
+def logged_bodies(server: Server) -> list[Any]:
+    return [e["body"] for e in server.events("message")]
+
+
+@pytest.mark.parametrize("writer", sorted(HALF_WRITERS))
+def test_writer_killed_between_two_halves_of_a_line_delivers_nothing_of_it(
+    server: Server, writer: str
+) -> None:
+    server.write_config("[agents.sink]\n")
+    server.mount()
+    inbox = str(server.agent("sink", "inbox"))
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        with subprocess.Popen(
+            [*HALF_WRITERS[writer], inbox], stdout=subprocess.PIPE, text=True
+        ) as p:
+            try:
+                assert p.stdout is not None and p.stdout.readline() == "ready\n"
+                p.send_signal(sig)
+                assert p.wait(timeout=10) == -sig
+            finally:
+                p.kill()
+        time.sleep(0.3)  # time for a late close to show up, if one were to
+        (msg,) = take(server, "sink", 1)
+        assert msg["body"] == "whole line", sig
+        assert nothing_more(server, "sink"), sig
+    assert not any("half" in str(b) for b in logged_bodies(server))
+
+
+def test_unterminated_line_of_a_writer_not_killed_is_one_message(server: Server) -> None:
+    """Exit 0 or a non-zero status: the last line is sent whole, once. Only a
+    signal drops it (SPEC §4.2); the exit status says nothing about the line."""
+    server.write_config("[agents.sink]\n")
+    server.mount()
+    inbox = server.agent("sink", "inbox")
+    no_newline = server.root / "no-newline"
+    no_newline.write_bytes(b"x" * 5000)
+    writers: list[tuple[list[str], int, str]] = [
+        (["bash", "-c", f"printf 'printf, no newline' > {inbox}"], 0, "printf, no newline"),
+        (["bash", "-c", f"head -c 1000 {no_newline} > {inbox}"], 0, "x" * 1000),
+        (
+            [PY, "-c", f"open({str(inbox)!r}, 'w').write('python, closed at exit')"],
+            0,
+            "python, closed at exit",
+        ),
+        (
+            [
+                PY,
+                "-c",
+                f"import os; os.write(os.open({str(inbox)!r}, os.O_WRONLY), b'os._exit(3)')"
+                "; os._exit(3)",
+            ],
+            3,
+            "os._exit(3)",
+        ),
+        (
+            ["bash", "-c", f"exec 3>{inbox}; printf 'bash, exit 3' >&3; exit 3"],
+            3,
+            "bash, exit 3",
+        ),
+        # One line in pieces through a dup of fd 3: each `>&3` closes a copy.
+        (
+            ["bash", "-c", f"exec 3>{inbox}; printf 'in ' >&3; printf 'pieces' >&3; /bin/echo >&3"],
+            0,
+            "in pieces",
+        ),
+    ]
+    for cmd, status, _ in writers:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        assert r.returncode == status, (cmd, r.stderr)
+        assert r.stderr == ""
+    expected = [body for _, _, body in writers]
+    got = [m["body"] for m in take(server, "sink", len(expected))]
+    assert got == expected
+    assert nothing_more(server, "sink")
+    assert server.events("error") == []
+
+
+CHUNK = 64 << 10
+BIG = 5 * CHUNK  # bytes of each big line, its newline included
+HUGE = (5 << 20) // 2  # one write(2) of it is cut into several kernel requests
+
+# Writes stdin's line to the inbox in 16 KiB pieces, or in one write(2) if told.
+BIG_WRITER = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY)
+line = sys.stdin.buffer.read()
+print("go", flush=True)
+if sys.argv[2] == "one":
+    os.write(fd, line)
+else:
+    for i in range(0, len(line), 16384):
+        os.write(fd, line[i : i + 16384])
+        time.sleep(0.001)
+"""
+
+
+def written(pid: int) -> int:
+    """Bytes the process has passed to write(2) so far, as /proc counts them."""
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+
+
+def test_big_message_killed_midway_is_never_delivered_in_part(server: Server) -> None:
+    server.write_config(f"max_message = {4 << 20}\n[agents.sink]\n")
+    server.mount()
+    inbox = str(server.agent("sink", "inbox"))
+    rng = random.Random()
+    sent: dict[str, str] = {}  # body -> how it was written
+    cut: Counter[str] = Counter()
+
+    def body(tag: str, size: int) -> bytes:
+        text = f"{tag}:" + rng.randbytes(size // 2).hex()
+        text = text[: size - 1]
+        sent[text] = tag.rstrip("0123456789")
+        return text.encode() + b"\n"
+
+    # dd copies a pipe, one write(2) per 64 KiB, and is killed after a random
+    # number of them has returned, so always in the middle of the line.
+    rounds = SOAK or 4
+    for r in range(rounds):
+        line = body(f"dd{r}", BIG)
+        k = rng.randrange(1, BIG // CHUNK)
+        with subprocess.Popen(
+            ["dd", f"of={inbox}", f"bs={CHUNK}", "iflag=fullblock", "status=none"],
+            stdin=subprocess.PIPE,
+        ) as p:
+            assert p.stdin is not None
+            try:
+                p.stdin.write(line[: k * CHUNK])
+                p.stdin.flush()
+                wait_for(lambda p=p, k=k: written(p.pid) >= k * CHUNK, timeout=10)
+                p.kill()
+                assert p.wait(timeout=10) == -signal.SIGKILL
+            finally:
+                p.kill()
+                p.stdin.close()
+        cut["dd"] += 1
+    # Python writers killed at random moments: between its 16 KiB writes, or
+    # inside one write(2) that the kernel sends as several requests.
+    # The delays span about the time each takes to write here.
+    for kind, size, within in (("pieces", BIG, 0.03), ("one", HUGE, 0.01)):
+        for r in range(rounds):
+            line = body(f"{kind}{r}", size)
+            with subprocess.Popen(
+                [PY, "-c", BIG_WRITER, inbox, kind],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            ) as p:
+                assert p.stdin is not None and p.stdout is not None
+                try:
+                    p.stdin.write(line)
+                    p.stdin.close()
+                    assert p.stdout.readline() == b"go\n"
+                    time.sleep(rng.uniform(0, within))
+                    p.kill()
+                    p.wait(timeout=30)
+                finally:
+                    p.kill()
+    time.sleep(0.3)  # time for a late close to show up, if one were to
+    logged = logged_bodies(server)
+    assert all(b in sent for b in logged), "a message that is part of a line"
+    assert len(set(logged)) == len(logged), "a line sent twice"
+    assert not any(sent[b] == "dd" for b in logged)
+    assert sorted(m["body"] for m in take_all(server, "sink")) == sorted(logged)
+    for b, kind in sent.items():
+        if b not in logged and kind != "dd":
+            cut[kind] += 1
+    print(f"{len(sent)} big lines killed midway; cut short, so not delivered: {dict(cut)}")
