@@ -29,6 +29,7 @@ from .errors import (
     Interrupted,
     NoRight,
     NotFound,
+    NotLogged,
     NotPermitted,
     OutheisError,
     WouldBlock,
@@ -613,10 +614,16 @@ class Operations(pyfuse3.Operations):
         return len(buf)
 
     async def _write_lines(self, h: Handle, lines: list[bytes]) -> None:
-        if h.node.row.kind is Kind.CTL:
-            await self._run_ctl(h, lines)
-        else:
-            await self._send(h, lines)
+        try:
+            if h.node.row.kind is Kind.CTL:
+                await self._run_ctl(h, lines)
+            else:
+                await self._send(h, lines)
+        except OSError as e:
+            # The log refused (a full disk): a refusal like any other, so that the
+            # rest of a refused line is dropped with it, never sent at close.
+            why = f"event log not written: {e.strerror or e}"
+            raise NotLogged(why, e.errno or errno.EIO) from e
 
     @handler
     async def flush(self, fh: int) -> None:
@@ -776,7 +783,10 @@ class Operations(pyfuse3.Operations):
     def settle_all(self) -> None:
         """At shutdown: closed files' messages count as handled."""
         for msg in list(self.settling):
-            self.d.ack(msg, USER)
+            try:
+                self.d.ack(msg, USER)
+            except OSError as e:  # a full disk: it stays in flight, back at the next mount
+                log.error("message %s stays in flight: %s", msg.id, e)
         self.settling.clear()
 
     # -- sending ------------------------------------------------------------------------

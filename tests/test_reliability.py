@@ -14,6 +14,8 @@ OUTHEISFS_SOAK=N runs N rounds of the randomised tests instead of a few.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -21,12 +23,13 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import PY, Server, outheisfs, take, wait_for
+from .conftest import PY, Server, _alive, outheisfs, sh, take, wait_for
 
 pytestmark = pytest.mark.mount
 
@@ -368,3 +371,166 @@ def test_big_message_killed_midway_is_never_delivered_in_part(server: Server) ->
         if b not in logged and kind != "dd":
             cut[kind] += 1
     print(f"{len(sent)} big lines killed midway; cut short, so not delivered: {dict(cut)}")
+
+
+# -- a full disk [SPEC §4.2, §5, §8] ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str) -> Iterator[None]:
+    """A tmpfs of `size` mounted on `path` for the duration (root only)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield
+    finally:
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until the disk is full."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(1 << 16))
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+
+
+def whole_log(server: Server) -> list[dict[str, Any]]:
+    """Every line of the event log parses, and seq rises by one from 1."""
+    events = server.events()
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert server.state.joinpath("events.jsonl").read_bytes().endswith(b"\n")
+    return events
+
+
+def fill_the_page(server: Server, to: str) -> str:
+    """Send one message whose record ends the log exactly at a page boundary, so
+    that on a full tmpfs not one more byte fits. Returns its body."""
+    log = server.state / "events.jsonl"
+    like = server.events("message")[-1]  # same sender and recipient
+    seq = server.events()[-1]["seq"] + 1
+
+    def size(body: str) -> int:
+        ev = {**like, "seq": seq, "body": body}
+        return len(json.dumps(ev, separators=(",", ":"), ensure_ascii=False)) + 1
+
+    room = -log.stat().st_size % os.sysconf("SC_PAGESIZE")
+    assert room >= size(""), f"only {room} bytes left in the page"
+    body = "f" * (room - size(""))
+    server.send(to, body)
+    assert log.stat().st_size % os.sysconf("SC_PAGESIZE") == 0
+    return body
+
+
+def test_full_disk_refuses_writes_keeps_every_acknowledged_message(server: Server) -> None:
+    """On a full disk a write fails with ENOSPC and leaves nothing behind, reads
+    go on while their small events fit, the server stays up, and once there is
+    room again everything acknowledged is there [SPEC §4.2, §5]."""
+    server.write_config("[agents.sink]\n")
+    with small_disk(server.state, "1m"):
+        try:
+            server.mount()
+            pid = server.pid
+            queued = [f"kept-{i}" for i in range(4)]
+            for body in queued:
+                server.send("sink", body)
+            fill(server.state / "filler")
+            # Full, but for the rest of the log's last page.
+            inbox = server.agent("sink", "inbox")
+            refused = os.open(inbox, os.O_WRONLY)
+            try:
+                # A line too big for that rest; the same write(2) begins another
+                # line, which must die with it.
+                with pytest.raises(OSError) as e:
+                    os.write(refused, b"y" * 20000 + b"\nrest of a refused write")
+                assert e.value.errno == errno.ENOSPC
+                (err,) = server.events("error")  # small enough to fit
+                assert (err["errno"], err["where"]) == ("ENOSPC", "/agents/sink/inbox")
+                # Queued messages are still served.
+                assert json.loads(sh(f"head -n1 {inbox}").stdout)["body"] == queued.pop(0)
+                wait_for(lambda: server.status("sink")["inflight"] == "0")  # acked
+                # Full to the last byte.
+                queued.append(fill_the_page(server, "sink"))
+                with pytest.raises(OSError) as e:
+                    Path(inbox).write_text("small\n")
+                assert e.value.errno == errno.ENOSPC
+                r = sh(f"echo from the shell > {inbox}")
+                assert r.returncode != 0 and "No space left on device" in r.stderr
+                r = sh(f"head -n1 {inbox}")
+                assert r.returncode != 0 and "No space left on device" in r.stderr
+                # Nothing partial in the log, nothing missing, nothing taken; the
+                # same server answers.
+                events = whole_log(server)
+                logged = [e["body"] for e in events if e["type"] == "message"]
+                assert logged == ["kept-0", *queued]
+                assert server.pid == pid
+                status = server.status("sink")
+                assert (status["queued"], status["inflight"]) == (str(len(queued)), "0")
+                assert server.p("log").read_bytes() == (server.state / "events.jsonl").read_bytes()
+                # Room again.
+                subprocess.run(
+                    ["mount", "-o", "remount,size=4m", str(server.state)],
+                    check=True,
+                    capture_output=True,
+                )
+            finally:
+                os.close(refused)  # nothing of the refused write is left to send
+            server.send("sink", "after")
+            queued.append("after")
+            assert json.loads(sh(f"head -n1 {inbox}").stdout)["body"] == queued.pop(0)
+            assert server.pid == pid
+            assert server.umount().returncode == 0
+            server.mount()
+            assert [m["body"] for m in take_all(server, "sink")] == queued
+            whole_log(server)
+        finally:
+            server.cleanup()
+
+
+def test_umount_on_a_full_disk_comes_down_cleanly(server: Server) -> None:
+    """`outheisfs umount` with no room left: the server stops, nothing stays
+    mounted; `mount` then says why it cannot, and with room again it replays
+    every message [SPEC §2, §5]."""
+    server.write_config("[agents.sink]\n")
+    with small_disk(server.state, "1m"):
+        try:
+            server.mount()
+            pid = server.pid
+            for body in ("one", "two"):
+                server.send("sink", body)
+            for f in ("agents/sink/log", "agents/user/log", "agents/user/outbox"):
+                server.p(f).read_bytes()  # as `cat` would: the stream files catch up
+            fill(server.state / "filler")
+            r = server.umount()
+            assert r.returncode == 0, r.stderr
+            assert not os.path.ismount(server.mp)
+            assert os.listdir(server.mp) == []  # not a stale mount left behind
+            wait_for(lambda: not _alive(pid), timeout=10)
+            # Mounting again without room (the stop freed a little): one line that
+            # says why, nothing mounted.
+            fill(server.state / "more filler")
+            r = server.mount(check=False)
+            assert r.returncode == 1 and "No space left on device" in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1
+            assert not os.path.ismount(server.mp)
+            subprocess.run(
+                ["mount", "-o", "remount,size=4m", str(server.state)],
+                check=True,
+                capture_output=True,
+            )
+            server.mount()
+            assert [m["body"] for m in take_all(server, "sink")] == ["one", "two"]
+            whole_log(server)
+        finally:
+            server.cleanup()
