@@ -8,6 +8,11 @@
 - The server's death frees every waiting client at once.
 - A writer killed in the middle of a line delivers nothing of that line; an
   unterminated line of a writer that exits without being killed is a message.
+- A full disk (a small tmpfs under the state folder): writes fail with ENOSPC
+  and leave nothing behind, the server stays up, and everything acknowledged is
+  there once there is room again.
+- A torn last record, cut at sample positions: the mount cuts it off, says
+  where, and serves every earlier message.
 
 OUTHEISFS_SOAK=N runs N rounds of the randomised tests instead of a few.
 """
@@ -19,6 +24,7 @@ import errno
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import time
@@ -534,3 +540,56 @@ def test_umount_on_a_full_disk_comes_down_cleanly(server: Server) -> None:
             whole_log(server)
         finally:
             server.cleanup()
+
+
+# -- a torn log through a real mount [SPEC §5] --------------------------------------------
+
+
+def test_torn_last_record_is_cut_and_every_earlier_message_is_served(server: Server) -> None:
+    """The server dies while writing its last record: whatever part of that record
+    reached the file, the next mount cuts it off with an `error` event that says
+    where, and serves every earlier message in order. (Every cut position is
+    checked below FUSE in test_eventlog; here a sample, through real mounts.)"""
+    server.write_config("[agents.sink]\n")
+    server.mount()
+    earlier = ["first", "second", "third"]
+    for body in [*earlier, "torn"]:
+        server.send("sink", body)
+    server.kill9()  # the last record is the message "torn"
+    log = server.state / "events.jsonl"
+    full = log.read_bytes()
+    start = full.rindex(b"\n", 0, len(full) - 1) + 1
+    record = full[start:]
+    assert json.loads(record)["body"] == "torn"
+    seq = json.loads(record)["seq"]
+    saved = server.root / "saved"
+    shutil.copytree(server.state, saved)
+    rng = random.Random()
+    n = len(record)
+    cuts = {
+        "first byte": record[:1],
+        "middle": record[: n // 2],
+        "random": record[: rng.randrange(2, n - 1)],
+        "all but the newline": record[:-1],
+        "zeros": bytes(n),  # the file grew, its data never reached the disk
+    }
+    for what, tail in cuts.items():
+        shutil.rmtree(server.state)
+        shutil.copytree(saved, server.state)
+        log.write_bytes(full[:start] + tail)
+        server.mount()
+        try:
+            events = whole_log(server)
+            torn = [e for e in events if e["type"] == "error" and "torn" in e["why"]]
+            assert len(torn) == 1, what
+            assert f"at byte {start} ({len(tail)} bytes)" in torn[0]["why"], what
+            assert torn[0]["seq"] == seq  # never acknowledged, so its seq is used again
+            got = []
+            for _ in earlier:
+                r = sh(f"head -n1 {server.agent('sink', 'inbox')}", timeout=10)
+                assert r.returncode == 0, r.stderr
+                got.append(json.loads(r.stdout)["body"])
+            assert got == earlier, what
+            assert nothing_more(server, "sink"), what
+        finally:
+            server.umount()
