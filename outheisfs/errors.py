@@ -87,6 +87,15 @@ class Exists(OutheisError):
     errno = errno.EEXIST
 
 
+class NotLogged(OutheisError):
+    """The event log could not be written (a full disk, an I/O error), so nothing
+    of the request is kept. The errno is the log's own (ENOSPC, EIO, ...)."""
+
+    def __init__(self, reason: str, errno_: int = errno.EIO) -> None:
+        super().__init__(reason)
+        self.errno = errno_
+
+
 class LogDamaged(Exception):
     """The event log is damaged before its end: refuse to start."""
 

@@ -21,6 +21,7 @@ itself costs ~120 µs, so SQLite alone would have eaten the performance budget.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -32,6 +33,8 @@ import trio
 
 from .errors import LogDamaged
 from .models import dumps, now
+
+log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
 NOT_AGENTS = {"server", "-"}  # who may be the server itself, or a caller attributed to no one
@@ -391,19 +394,28 @@ class EventLog:
         return os.pread(fd, min(size, end - offset), offset)
 
     def close(self) -> None:
-        """Make everything durable and close the files."""
+        """Make everything durable and close the files. Never raises: the mount
+        must come down even when the disk is full or failing."""
         if self._fd < 0:
             return
+        marker = self.state / "streams" / COMPLETE
+        tmp = marker.with_suffix(".tmp")
         try:
             self.flush_streams()
             os.fsync(self._fd)
             for fd in self._streams.values():
                 os.fsync(fd)
             if not self._stale and not self._broken:
-                marker = self.state / "streams" / COMPLETE
-                tmp = marker.with_suffix(".tmp")
                 tmp.write_text(json.dumps({"seq": self.seq, "sizes": self._stream_size}))
                 os.replace(tmp, marker)
+        except OSError as e:
+            # An older marker stays true (streams only grow); without one, the next
+            # start checks every stream from the beginning.
+            log.error("event log closed without a clean finish: %s", e)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
         finally:
             os.close(self._fd)
             self._fd = -1

@@ -31,7 +31,9 @@ class LineBuffer:
         if self.refused is not None:
             reason = self.refused
             self.continued = False
-            raise type(reason)(f"an earlier part of this line was refused: {reason.reason}")
+            again = type(reason)(f"an earlier part of this line was refused: {reason.reason}")
+            again.errno = reason.errno
+            raise again
         self.continued = bool(self.partial)
         self.before = self.partial
         if b"\n" not in data:

@@ -107,8 +107,12 @@ def lock_state(state: Path) -> int:
         raise MountError(
             f"state folder {state} is in use by another server (pid {other})"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:  # a full disk
+        os.close(fd)
+        raise MountError(f"state folder {state}: {e.strerror}") from None
     return fd
 
 
@@ -126,6 +130,8 @@ def recover(
         report = elog.open(d.apply)
     except LogDamaged as e:
         raise MountError(f"event log refused: {e}") from None
+    except OSError as e:
+        raise MountError(f"event log {elog.path}: {e.strerror}") from None
     d.install_config()
     if report.torn:
         offset, size = report.torn
@@ -138,18 +144,19 @@ def recover(
                 "why": f"torn last record cut off at byte {offset} ({size} bytes)",
             }
         )
-    d.record(
-        [
-            {
-                "type": "mount",
-                "mountpoint": str(mountpoint),
-                "pid": os.getpid(),
-                "durability": durability,
-                "agents": {n: a.priority for n, a in config.agents.items()},
-            }
-        ]
-    )
-    d.requeue_inflight()
+    mount_event = {
+        "type": "mount",
+        "mountpoint": str(mountpoint),
+        "pid": os.getpid(),
+        "durability": durability,
+        "agents": {n: a.priority for n, a in config.agents.items()},
+    }
+    try:
+        d.record([mount_event])
+        d.requeue_inflight()
+    except OSError as e:  # a full disk: say so, rather than a traceback in server.log
+        elog.close()
+        raise MountError(f"event log {elog.path} cannot be written: {e.strerror}") from None
     return d, elog
 
 
@@ -232,8 +239,11 @@ def run_foreground(opts: Options, ready_fd: int | None) -> int:
     try:
         trio.run(serve, opts, ready)
     except MountError as e:
-        print(f"outheisfs: {e}", file=sys.stderr)
-        ready.fail(str(e), e.status)
+        ready.fail(str(e), e.status)  # first: stderr may be a file on a full disk
+        try:
+            print(f"outheisfs: {e}", file=sys.stderr)
+        except OSError:
+            pass
         return e.status
     return 0
 

@@ -29,6 +29,7 @@ from .errors import (
     Interrupted,
     NoRight,
     NotFound,
+    NotLogged,
     NotPermitted,
     OutheisError,
     WouldBlock,
@@ -600,6 +601,10 @@ class Operations(pyfuse3.Operations):
         h = self._handle(fh)
         try:
             lines = h.lines.feed(buf)
+            if h.lines.partial and not h.pid:
+                # How the writer ends decides the fate of this line; if the opening
+                # thread is gone by then, its process tells (see `flush`).
+                self._learn_opener(h)
             if lines:
                 await self._write_lines(h, lines)
         except OutheisError as e:
@@ -609,10 +614,16 @@ class Operations(pyfuse3.Operations):
         return len(buf)
 
     async def _write_lines(self, h: Handle, lines: list[bytes]) -> None:
-        if h.node.row.kind is Kind.CTL:
-            await self._run_ctl(h, lines)
-        else:
-            await self._send(h, lines)
+        try:
+            if h.node.row.kind is Kind.CTL:
+                await self._run_ctl(h, lines)
+            else:
+                await self._send(h, lines)
+        except OSError as e:
+            # The log refused (a full disk): a refusal like any other, so that the
+            # rest of a refused line is dropped with it, never sent at close.
+            why = f"event log not written: {e.strerror or e}"
+            raise NotLogged(why, e.errno or errno.EIO) from e
 
     @handler
     async def flush(self, fh: int) -> None:
@@ -628,6 +639,11 @@ class Operations(pyfuse3.Operations):
             if h.lines.partial and procinfo.killed_by_signal(code):
                 h.lines.reset()
                 h.dropped = True
+        elif h.lines.partial and st is not None and self._opener_holds(h):
+            # A copy was closed while the opener still has the file open for
+            # writing: bash's `printf ... >&3` closes a dup of fd 3, a child that
+            # inherited the file exits. The line may go on; it waits.
+            return
         if h.lines.partial:
             rest = h.lines.take_rest()
             try:
@@ -730,6 +746,9 @@ class Operations(pyfuse3.Operations):
         st = procinfo.stat(h.pid)
         h.start = st.start if st else 0
 
+    def _opener_holds(self, h: Handle) -> bool:
+        return procinfo.holds_for_writing(h.pid or h.tid, h.node.inode, h.path)
+
     def _opener_stat(self, h: Handle) -> procinfo.Stat | None:
         st = procinfo.stat(h.tid)
         if st is None and h.pid:
@@ -764,7 +783,10 @@ class Operations(pyfuse3.Operations):
     def settle_all(self) -> None:
         """At shutdown: closed files' messages count as handled."""
         for msg in list(self.settling):
-            self.d.ack(msg, USER)
+            try:
+                self.d.ack(msg, USER)
+            except OSError as e:  # a full disk: it stays in flight, back at the next mount
+                log.error("message %s stays in flight: %s", msg.id, e)
         self.settling.clear()
 
     # -- sending ------------------------------------------------------------------------

@@ -55,6 +55,29 @@ def tgid(tid: int) -> int:
     return tid
 
 
+def holds_for_writing(tid: int, ino: int, suffix: str) -> bool:
+    """Whether the process of TID still has a descriptor open for writing on the
+    file numbered `ino` whose path ends with `suffix`. Only /proc is read (the
+    links' text and fdinfo), never the file itself: asking the mount from its own
+    server would wait for itself."""
+    base = f"/proc/{tid}"
+    try:
+        fds = os.listdir(f"{base}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if not os.readlink(f"{base}/fd/{fd}").endswith(suffix):
+                continue
+            with open(f"{base}/fdinfo/{fd}", "rb") as f:
+                info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+            if int(info[b"ino"]) == ino and int(info[b"flags"], 8) & (os.O_WRONLY | os.O_RDWR):
+                return True
+        except (OSError, KeyError, ValueError):
+            continue
+    return False
+
+
 def abnormal(exit_code: int) -> bool:
     """Killed by a signal, or exited with a non-zero status."""
     return exit_code != 0
@@ -73,4 +96,4 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-__all__ = ["Stat", "abnormal", "killed_by_signal", "os", "stat", "tgid"]
+__all__ = ["Stat", "abnormal", "holds_for_writing", "killed_by_signal", "os", "stat", "tgid"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+
 import pytest
 
-from outheisfs.errors import Interrupted, OutheisError, TooBig, WouldBlock
+from outheisfs.errors import Interrupted, NotLogged, OutheisError, TooBig, WouldBlock
 from outheisfs.lines import LineBuffer
 
 
@@ -121,3 +123,16 @@ def test_reset_drops_partial() -> None:
     buf.reset()
     assert buf.take_rest() == b""
     assert buf.feed(b"x\n") == [b"x"]
+
+
+def test_refused_by_the_log_mid_line_keeps_its_errno_for_the_rest() -> None:
+    # A full disk refuses a request that continued a line: the rest of that line,
+    # sent again by the writer, is refused with the same errno, never taken.
+    buf = LineBuffer(100)
+    assert buf.feed(b"begun") == []
+    assert buf.feed(b" and ended\n") == [b"begun and ended"]
+    buf.failed(NotLogged("event log not written: No space left on device", errno.ENOSPC))
+    with pytest.raises(NotLogged) as e:
+        buf.feed(b" and ended\n")
+    assert e.value.errno == errno.ENOSPC
+    assert buf.take_rest() == b""

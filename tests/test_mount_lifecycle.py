@@ -204,20 +204,30 @@ def test_torn_last_record_is_cut_with_an_error_event(server: Server) -> None:
     assert read_one(server, "user")["body"] == "whole"
 
 
-def test_damage_before_the_end_refuses_the_mount(server: Server) -> None:
+@pytest.mark.parametrize("garble", ["line start", "one byte"])
+def test_damage_before_the_end_refuses_the_mount(server: Server, garble: str) -> None:
     server.mount()
     server.send("user", "one\ntwo")
     assert server.umount().returncode == 0
     log = server.state / "events.jsonl"
     lines = log.read_bytes().split(b"\n")
     offset = len(lines[0]) + 1
-    lines[1] = b"garbage" + lines[1][7:]
+    if garble == "line start":
+        lines[1] = b"garbage" + lines[1][7:]
+    else:  # one flipped byte in the middle of the line: not UTF-8 any more
+        mid = len(lines[1]) // 2
+        lines[1] = lines[1][:mid] + b"\xff" + lines[1][mid + 1 :]
     log.write_bytes(b"\n".join(lines))
     before = log.read_bytes()
     r = server.mount(check=False)
     assert r.returncode == 1
     assert f"byte {offset}" in r.stderr and "line 2" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
     assert not os.path.ismount(server.mp)
+    assert server_processes(server.state) == []
+    # `replay` refuses it the same way.
+    r = outheisfs("replay", "--state", str(server.state))
+    assert r.returncode == 1 and f"byte {offset}" in r.stderr and "line 2" in r.stderr
     assert log.read_bytes() == before  # nothing overwritten
 
 
