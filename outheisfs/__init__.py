@@ -24,6 +24,7 @@ How the package fits together (one concept per module):
     run         `outheisfs run`: a command bound to an agent
     floor       the minimal pyfuse3 filesystem the benchmark compares with
     bench       `outheisfs bench`
+    redisref    the bench's reference: the echo round trip through Redis Streams
     errors      domain errors and their errno
 
 Only `ops`, `vault`, `vaultops`, `mount` and `floor` import pyfuse3; the

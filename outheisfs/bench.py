@@ -4,7 +4,9 @@ Every figure is measured through real mounts served by separate processes:
 outheisfs, and the floor (`floor.py`, a pyfuse3 filesystem whose one file only
 queues bytes), mounted and driven the same way by this process. Floor and
 outheisfs runs alternate, so a noisy machine slows both alike, and the median
-of the runs is reported with its ratio to the floor's.
+of the runs is reported with its ratio to the floor's. Where `redis-server` is
+installed, the echo round trip is also taken through Redis Streams on a private
+server (`redisref.py`), in turn with outheisfs's, as a reference.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from . import redisref
 from .models import new_id
 
 LINE = b"a benchmark message of forty bytes....\n"
@@ -62,11 +65,12 @@ class Figure:
     key: str
     what: str
     unit: str
-    value: float
+    value: float | None  # None: not measured, `note` says why
     floor: float | None = None  # the floor's figure, where there is one
     ratio: float | None = None  # value / floor (or as the target reads)
     target: str = ""
     met: bool | None = None
+    note: str = ""
 
 
 # -- mounts --------------------------------------------------------------------------
@@ -191,21 +195,27 @@ def concurrent(path: str, n: int, writers: int) -> float:
     return writers * n / (time.perf_counter() - t)
 
 
-def roundtrips(m: Mount, n: int) -> list[float]:
-    """Seconds from writing to the echo agent's inbox until its answer is read."""
+@contextmanager
+def echo_roundtrips(m: Mount) -> Iterator[Callable[[int], list[float]]]:
+    """Yields `run(n)`: n times from writing to the echo agent's inbox until its
+    answer is read (each read acks the answer before)."""
     to_echo = os.open(m.path("agents", "echo", "inbox"), os.O_WRONLY)
     replies = os.open(m.path("agents", "user", "inbox"), os.O_RDONLY)
-    times = []
-    try:
+
+    def run(n: int) -> list[float]:
+        times = []
         for _ in range(n):
             t = time.perf_counter()
             os.write(to_echo, LINE)
             os.read(replies, 1 << 16)
             times.append(time.perf_counter() - t)
+        return times
+
+    try:
+        yield run
     finally:
         os.close(to_echo)
         os.close(replies)
-    return times
 
 
 def cpu_seconds(pid: int) -> float:
@@ -261,6 +271,18 @@ def alternate(runs: int, a: Callable[[], float], b: Callable[[], float]) -> tupl
     return statistics.median(xs), statistics.median(ys)
 
 
+def interleave(
+    runs: int, n: int, samplers: dict[str, Callable[[int], list[float]]]
+) -> dict[str, list[float]]:
+    """n samples from each sampler, taken in `runs` blocks in turn."""
+    out: dict[str, list[float]] = {key: [] for key in samplers}
+    for i in range(runs):
+        size = n // runs + (i < n % runs)
+        for key, run in samplers.items():
+            out[key] += run(size)
+    return out
+
+
 def percentile(xs: list[float], p: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(p / 100 * len(s)))]
@@ -278,6 +300,38 @@ def rate(key: str, what: str, ours: float, floor: float, target: float | None) -
         f">= {target}x floor" if target else "",
         None if target is None else ratio >= target,
     )
+
+
+# The reference rows: Redis with an append-only file written (not synced) before
+# each reply, as `process` durability does; and Redis in memory only.
+REDIS = {
+    "redis_roundtrip": (True, "echo round trip via Redis Streams p{p}"),
+    "redis_memory_roundtrip": (False, "echo round trip via Redis, memory only p{p}"),
+}
+
+
+def roundtrip_figures(
+    key: str,
+    what: str,
+    times: list[float] | None,
+    floor_write: float,
+    *,
+    targets: bool = False,
+    note: str = "",
+) -> list[Figure]:
+    """p50 and p99 of `times` (seconds) beside one floor write (None: `note` says why).
+
+    `what` holds `{p}` where the percentile goes; `targets`: SPEC §9's, for outheisfs."""
+    figs = []
+    for p, target in ((50, 6.0), (99, 25.0)):
+        f = Figure(f"{key}_p{p}", what.format(p=p), "ms", None, note=note)
+        if times is not None:
+            v = percentile(times, p)
+            f.value, f.floor, f.ratio = v * 1e3, floor_write * 1e3, v / floor_write
+            if targets:
+                f.target, f.met = f"<= {target}x floor", f.ratio <= target
+        figs.append(f)
+    return figs
 
 
 def measure(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
@@ -307,24 +361,27 @@ def measure(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
             fig3 = rate("big_write", f"one write of {s.batch:,} messages", o3, f3, None)
             fig3.target, fig3.met = ">= 100,000 msg/s", o3 >= 100_000
             figs.append(fig3)
-            progress("4/6 echo round trip")
+            redis = shutil.which("redis-server") is not None
+            progress("4/6 echo round trip" + (", and through Redis Streams" if redis else ""))
             _wait_running(m, "echo")
-            rt = roundtrips(m, s.roundtrips)
+            with ExitStack() as stack:
+                samplers = {"roundtrip": stack.enter_context(echo_roundtrips(m))}
+                if redis:
+                    for key, (aof, _) in REDIS.items():
+                        redis_rt = redisref.echo_roundtrips(root / key, aof)
+                        samplers[key] = stack.enter_context(redis_rt)
+                times = interleave(s.runs, s.roundtrips, samplers)
             floor_write = 1 / f1
-            for p, target in ((50, 6.0), (99, 25.0)):
-                v = percentile(rt, p)
-                figs.append(
-                    Figure(
-                        f"roundtrip_p{p}",
-                        f"echo round trip p{p} (floor: one write)",
-                        "ms",
-                        v * 1e3,
-                        floor_write * 1e3,
-                        v / floor_write,
-                        f"<= {target}x floor",
-                        v / floor_write <= target,
-                    )
-                )
+            figs += roundtrip_figures(
+                "roundtrip",
+                "echo round trip p{p} (floor: one write)",
+                times["roundtrip"],
+                floor_write,
+                targets=True,
+            )
+            for key, (_, what) in REDIS.items():
+                note = "" if redis else "redis-server not installed"
+                figs += roundtrip_figures(key, what, times.get(key), floor_write, note=note)
             progress("5/6 idle with blocked readers")
             figs.append(idle_cpu(m, s))
             progress(f"6/6 10 against {s.agents:,} agents")
@@ -445,6 +502,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "pyfuse3": getattr(pyfuse3, "__version__", "?"),
         "load": os.getloadavg()[0],
+        "redis": redisref.version(),  # None: not installed
     }
 
 
@@ -452,11 +510,16 @@ def render(figs: list[Figure], info: dict[str, Any], quick: bool) -> str:
     out = [
         f"outheisfs bench{' --quick' if quick else ''}: Linux {info['kernel']}, "
         f"{info['cpus']} CPUs ({info['cpu']}), Python {info['python']}, "
-        f"pyfuse3 {info['pyfuse3']}, load {info['load']:.2f}",
+        f"pyfuse3 {info['pyfuse3']}"
+        + (f", redis-server {info['redis']}" if info["redis"] else "")
+        + f", load {info['load']:.2f}",
         "",
-        f"{'figure':48} {'outheisfs':>14} {'floor':>12} {'ratio':>7}  target",
+        f"{'figure':48} {'measured':>14} {'floor':>12} {'ratio':>7}  target",
     ]
     for f in figs:
+        if f.value is None:
+            out.append(f"{f.what:48} {f.note}")
+            continue
         value = f"{f.value:,.0f} {f.unit}" if f.value >= 100 else f"{f.value:.2f} {f.unit}"
         floor = (
             "" if f.floor is None else (f"{f.floor:,.0f}" if f.floor >= 100 else f"{f.floor:.3f}")

@@ -5,6 +5,13 @@ Performance itself is read from the benchmark's output, not asserted here."""
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+
+from pytest import approx
+
+from outheisfs.bench import REDIS, interleave, render, roundtrip_figures
 
 from .conftest import outheisfs
 
@@ -18,6 +25,8 @@ EXPECTED = FLOORED | {
     "log_ready",
     "log_memory",
 }
+# The Redis Streams reference rows: measured where redis-server is installed.
+REFERENCE = {f"{key}_p{p}" for key in REDIS for p in (50, 99)}
 
 
 def test_bench_quick_json_reports_every_figure() -> None:
@@ -27,16 +36,68 @@ def test_bench_quick_json_reports_every_figure() -> None:
     assert out["quick"] is True
     assert out["machine"]["cpus"] >= 1 and out["machine"]["kernel"]
     figs = {f["key"]: f for f in out["figures"]}
-    assert set(figs) >= EXPECTED
+    assert set(figs) >= EXPECTED | REFERENCE
+    installed = shutil.which("redis-server") is not None
+    assert bool(out["machine"]["redis"]) == installed
     for key, f in figs.items():
+        if key in REFERENCE and not installed:
+            assert f["value"] is None and f["ratio"] is None, key
+            assert f["note"] == "redis-server not installed", key
+            continue
         assert f["value"] > 0, key
-        if key in FLOORED:
+        if key in FLOORED | REFERENCE:
             assert f["floor"] > 0, key
             assert abs(f["ratio"] - f["value"] / f["floor"]) < 1e-6 * f["ratio"], key
+        if key in REFERENCE:
+            assert f["floor"] == figs["roundtrip_p50"]["floor"], key  # the same floor write
+            assert f["target"] == "" and f["met"] is None, key  # a reference, not a goal
         if f["target"]:
             assert isinstance(f["met"], bool), key
+    assert figs["roundtrip_p50"]["value"] <= figs["roundtrip_p99"]["value"]
+    if installed:
+        assert figs["redis_roundtrip_p50"]["value"] <= figs["redis_roundtrip_p99"]["value"]
 
 
 def test_bench_leaves_nothing_mounted() -> None:
     with open("/proc/self/mounts") as m:
         assert "outheisfs-bench-" not in m.read()
+
+
+def test_a_row_not_measured_says_why() -> None:
+    figs = roundtrip_figures("redis_roundtrip", "via Redis p{p}", None, 0.03e-3, note="absent")
+    assert [asdict(f)["value"] for f in figs] == [None, None]
+    assert [f.key for f in figs] == ["redis_roundtrip_p50", "redis_roundtrip_p99"]
+    info = {"kernel": "6", "cpus": 2, "cpu": "x", "python": "3", "pyfuse3": "3", "load": 0.0}
+    text = render(figs, {**info, "redis": None}, quick=True)
+    assert text.splitlines()[-2:] == [
+        f"{'via Redis p50':48} absent",
+        f"{'via Redis p99':48} absent",
+    ]
+    assert "redis-server" not in text.splitlines()[0]
+
+
+def test_round_trip_figures_are_percentiles_beside_one_floor_write() -> None:
+    times = [i / 1000 for i in range(1, 101)]  # 1 ms .. 100 ms
+    p50, p99 = roundtrip_figures("roundtrip", "rt p{p}", times, 0.01, targets=True)
+    assert (p50.what, p50.value, p50.floor) == ("rt p50", 51.0, 10.0)
+    assert p50.ratio == approx(5.1)
+    assert (p50.target, p50.met) == ("<= 6.0x floor", True)
+    assert (p99.value, p99.met) == (100.0, True)
+    assert p99.ratio == approx(10.0)
+    plain = roundtrip_figures("redis_roundtrip", "r p{p}", times, 0.01)
+    assert [(f.target, f.met) for f in plain] == [("", None), ("", None)]
+
+
+def test_interleave_takes_blocks_in_turn() -> None:
+    calls: list[tuple[str, int]] = []
+
+    def sampler(name: str) -> Callable[[int], list[float]]:
+        def run(n: int) -> list[float]:
+            calls.append((name, n))
+            return [1.0] * n
+
+        return run
+
+    out = interleave(3, 10, {"a": sampler("a"), "b": sampler("b")})
+    assert calls == [("a", 4), ("b", 4), ("a", 3), ("b", 3), ("a", 3), ("b", 3)]
+    assert len(out["a"]) == len(out["b"]) == 10
