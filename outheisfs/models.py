@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from json.encoder import encode_basestring
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -74,6 +75,17 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 def dumps(obj: Any) -> str:
     """Compact JSON, UTF-8 as is (one encoder: json.dumps builds one per call)."""
     return _ENCODER.encode(obj)
+
+
+def json_value(v: Any) -> str:
+    """`dumps(v)`, quicker for the strings, None and ints that fill events."""
+    if type(v) is str:
+        return encode_basestring(v)  # what the encoder does for a str
+    if v is None:
+        return "null"
+    if type(v) is int:
+        return int.__repr__(v)
+    return _ENCODER.encode(v)
 
 
 # -- a message in the system ---------------------------------------------------------

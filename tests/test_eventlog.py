@@ -16,7 +16,9 @@ import pytest
 import trio
 
 from outheisfs.errors import LogDamaged
-from outheisfs.eventlog import MAIN, EventLog, concerned
+from outheisfs.eventlog import MAIN, EventLog, concerned, encode, streams_of
+from outheisfs.eventlog import _streams as streams_quick
+from outheisfs.models import dumps
 
 from .helpers_unit import read_events, tree_bytes
 
@@ -99,6 +101,67 @@ def lines_of(state: Path) -> list[bytes]:
 def test_concerned_matches_samples() -> None:
     for ev, names in SAMPLES:
         assert concerned(ev) == names, ev
+
+
+BODIES: list[Any] = [
+    "hi",
+    "",
+    'quote " backslash \\ newline \n tab \t bell \x07 del \x7f',
+    "snow ☃, emoji 🦉, nul \x00, separator \u2028",
+    "\ud800 lone surrogate",
+    0,
+    -1,
+    2**64 + 1,
+    -(2**100),
+    1.5,
+    1e300,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    True,
+    False,
+    None,
+    [],
+    {},
+    [1, "two", None, {"three": [3.0]}],
+    {"re": "hi", "n": 2**70, "nested": {"a": [True, None]}},
+]
+
+
+@pytest.mark.parametrize("body", BODIES, ids=range(len(BODIES)))
+def test_message_lines_are_what_the_encoder_gives(body: Any) -> None:
+    ev = {
+        "seq": 12,
+        "ts": "2026-01-01T00:00:00.000001Z",
+        "type": "message",
+        "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "from": "user",
+        "to": "echo",
+        "priority": "normal",
+        "body": body,
+        "reply_to": None,
+        "attempt": 1,
+    }
+
+    def outcome(fn: Any, e: Event) -> bytes | type[Exception]:
+        try:
+            return bytes(fn(e))
+        except Exception as x:  # a lone surrogate cannot be written
+            return type(x)
+
+    def encoder(e: Event) -> bytes:
+        return (dumps(e) + "\n").encode()
+
+    for changes in ({}, {"reply_to": "01ARZ3NDEKTSV4RRFFQ69G5FAW", "attempt": 3, "from": "a"}):
+        e = {**ev, **changes}
+        assert outcome(encode, e) == outcome(encoder, e)
+        assert sorted(streams_quick(e)) == sorted(streams_of(e))
+    # Any other shape, as a hand-edited log may hold, goes through the encoder.
+    odd = {**ev, "extra": 1, "to": ["a", "b"]}
+    assert outcome(encode, odd) == outcome(encoder, odd)
+    assert sorted(streams_quick(odd)) == sorted(streams_of(odd))
+    same = {**ev, "to": "user"}
+    assert sorted(streams_quick(same)) == sorted(streams_of(same))
 
 
 def test_append_fills_seq_and_ts(tmp_path: Path, logs: list[EventLog]) -> None:
