@@ -52,20 +52,28 @@ def is_id(s: object) -> bool:
 
 _ts_sec = -1
 _ts_prefix = ""
+_ts_last = ("", 0.0)  # the last timestamp made, and what parse_ts gives for it
 
 
 def now() -> tuple[float, str]:
     """Wall-clock time as (epoch seconds, ISO 8601 UTC with microseconds)."""
-    global _ts_sec, _ts_prefix
+    global _ts_sec, _ts_prefix, _ts_last
     t = time.time()
     sec = int(t)
     if sec != _ts_sec:
         _ts_sec = sec
         _ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return t, f"{_ts_prefix}.{int((t - sec) * 1e6):06d}Z"
+    us = int((t - sec) * 1e6)
+    ts = f"{_ts_prefix}.{us:06d}Z"
+    _ts_last = (ts, (sec * 1_000_000 + us) / 1_000_000)  # as datetime.timestamp() divides
+    return t, ts
 
 
 def parse_ts(ts: str) -> float:
+    """Epoch seconds of a timestamp; the one just made (a live event's) is known."""
+    last, t = _ts_last
+    if ts == last:
+        return t
     return datetime.fromisoformat(ts).timestamp()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from datetime import datetime
 
 import pytest
 
@@ -156,6 +157,13 @@ def test_now_is_iso_utc_with_microseconds() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", ts)
     assert abs(parse_ts(ts) - t) < 1e-5
     assert abs(t - time.time()) < 5
+
+
+def test_parse_ts_of_the_last_timestamp_is_what_parsing_gives() -> None:
+    for _ in range(2000):
+        _, ts = now()
+        assert parse_ts(ts) == datetime.fromisoformat(ts).timestamp()
+    assert parse_ts("2026-01-01T00:00:00.000001Z") == 1767225600.000001
 
 
 # -- what a reader gets --------------------------------------------------------------
