@@ -25,25 +25,29 @@ RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 
 _B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits -> two digits
-_SHIFTS = range(120, -1, -10)
+_RAND = (1 << 80) - 1
 _last_ms = 0
 _last_rand = 0
+_ms_digits = ""  # the 10 digits of _last_ms
 
 
 def new_id() -> str:
-    """A ULID: 48 bits of milliseconds, 80 random bits; monotonic within a millisecond."""
-    global _last_ms, _last_rand
+    """A ULID: 48 bits of milliseconds, 80 random bits; monotonic within a millisecond.
+
+    26 base32 digits, two per table lookup: 10 for the milliseconds (50 bits, the
+    top 2 zero), made once per millisecond, and 16 for the random part.
+    """
+    global _last_ms, _last_rand, _ms_digits
+    p = _PAIRS
     ms = time.time_ns() // 1_000_000
     if ms <= _last_ms:
-        ms = _last_ms
-        rand = _last_rand + 1
+        rand = (_last_rand + 1) & _RAND
     else:
         rand = int.from_bytes(os.urandom(10), "big")
-    _last_ms, _last_rand = ms, rand
-    n = (ms << 80) | (rand & ((1 << 80) - 1))
-    # 26 base32 digits (130 bits, the top 2 zero), two digits per table lookup.
-    p = _PAIRS
-    return "".join([p[(n >> s) & 1023] for s in _SHIFTS])
+        _last_ms = ms
+        _ms_digits = "".join([p[(ms >> s) & 1023] for s in (40, 30, 20, 10, 0)])
+    _last_rand = rand
+    return _ms_digits + "".join([p[(rand >> s) & 1023] for s in (70, 60, 50, 40, 30, 20, 10, 0)])
 
 
 def is_id(s: object) -> bool:

@@ -137,6 +137,19 @@ def test_new_id_unique_and_sorted() -> None:
     assert all(is_id(i) for i in ids[:100])
 
 
+def test_new_id_holds_its_millisecond() -> None:
+    digits = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    for _ in range(100):
+        before = time.time_ns() // 1_000_000
+        mid = new_id()
+        after = time.time_ns() // 1_000_000
+        n = 0
+        for c in mid:
+            n = n * 32 + digits.index(c)
+        assert before <= n >> 80 <= after
+        time.sleep(0.0005)
+
+
 def test_new_id_sorted_across_milliseconds() -> None:
     ids = []
     for _ in range(5):
