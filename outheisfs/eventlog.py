@@ -89,18 +89,40 @@ def encode(ev: Event) -> bytes:
     return (dumps(ev) + "\n").encode()
 
 
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def decode(raw: bytes) -> Any:
+    """`json.loads(raw)` of a log line, skipping its generic steps where they
+    cannot matter: a line that begins with `{"` is UTF-8 (json.loads detects
+    the encoding, and lets surrogates pass), and if the value ends right before
+    the newline nothing else needs checking. Any other line: json.loads itself."""
+    if raw.startswith(b'{"'):
+        text = raw.decode("utf-8", "surrogatepass")
+        ev, end = _raw_decode(text)
+        if end == len(text) - 1 and text[end] == "\n":
+            return ev
+    return json.loads(raw)
+
+
+_DECIDING = ("type", "agent", "from", "who", "to")  # all that streams_of looks at
+_ABSENT = object()
+
+
 @lru_cache(maxsize=4096)
-def _message_streams(sender: str, to: str) -> tuple[str, ...]:
-    return tuple(streams_of({"type": "message", "from": sender, "to": to}))
+def _streams_by(key: tuple[Any, ...]) -> tuple[str, ...]:
+    ev = {k: v for k, v in zip(_DECIDING, key, strict=True) if v is not _ABSENT}
+    return tuple(streams_of(ev))
 
 
 def _streams(ev: Event) -> Iterable[str]:
-    if ev.get("type") == "message" and tuple(ev) == MESSAGE_KEYS:
-        # Only `from` and `to` decide, and senders and recipients repeat.
-        sender, to = ev["from"], ev["to"]
-        if isinstance(sender, str) and isinstance(to, str):
-            return _message_streams(sender, to)
-    return streams_of(ev)
+    """`streams_of(ev)`, remembered: the same few agents recur in every event."""
+    get = ev.get
+    key = (get("type"), get("agent", _ABSENT), get("from", _ABSENT), get("who", _ABSENT), get("to"))
+    try:
+        return _streams_by(key)
+    except TypeError:  # a list of recipients, or a hand-edited event
+        return streams_of(ev)
 
 
 @dataclass
@@ -257,7 +279,7 @@ class EventLog:
                 report.torn = (offset, len(raw))
                 break
             try:
-                ev = json.loads(raw)
+                ev = decode(raw)
                 if not isinstance(ev, dict) or ev.get("seq") != expected:
                     raise ValueError(f"expected an event with seq {expected}")
                 if not isinstance(ev.get("type"), str) or not isinstance(ev.get("ts"), str):
@@ -274,7 +296,7 @@ class EventLog:
                     str(self.path), offset, lineno, str(e) or type(e).__name__
                 ) from None
             if catch_up and expected > low:
-                for stream in streams_of(ev):
+                for stream in _streams(ev):
                     if self._stream_last.get(stream, 0) < expected:
                         self._stream_write(stream, raw)
             report.last_seq = expected

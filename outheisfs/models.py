@@ -74,11 +74,14 @@ def now() -> tuple[float, str]:
 
 
 def parse_ts(ts: str) -> float:
-    """Epoch seconds of a timestamp; the one just made (a live event's) is known."""
+    """Epoch seconds of a timestamp. The last one made or parsed is known: a live
+    event's, and in a replay the events of one append share theirs."""
+    global _ts_last
     last, t = _ts_last
-    if ts == last:
-        return t
-    return datetime.fromisoformat(ts).timestamp()
+    if ts != last:
+        t = datetime.fromisoformat(ts).timestamp()
+        _ts_last = (ts, t)
+    return t
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)

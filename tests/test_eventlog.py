@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from outheisfs.errors import LogDamaged
-from outheisfs.eventlog import MAIN, EventLog, concerned, encode, streams_of
+from outheisfs.eventlog import MAIN, EventLog, concerned, decode, encode, streams_of
 from outheisfs.eventlog import _streams as streams_quick
 from outheisfs.models import dumps
 
@@ -162,6 +162,61 @@ def test_message_lines_are_what_the_encoder_gives(body: Any) -> None:
     assert sorted(streams_quick(odd)) == sorted(streams_of(odd))
     same = {**ev, "to": "user"}
     assert sorted(streams_quick(same)) == sorted(streams_of(same))
+
+
+def test_streams_remembered_are_streams_of() -> None:
+    events = [ev for ev, _ in SAMPLES] + [
+        {"type": "message", "from": None, "to": "a"},
+        {"type": "message", "to": "a"},
+        {"type": "message", "from": "a", "to": ["b", "c", 1]},
+        {"type": "denied", "who": "a", "path": "/x"},
+        {"type": "ctl", "agent": {"odd": 1}, "who": "a"},
+        {"type": "deliver", "agent": "server"},
+        {"type": "x", "who": "-", "to": "a"},
+    ]
+    for ev in events * 2:  # the second time from what was remembered
+        try:
+            expected: Any = sorted(streams_of(ev))
+        except KeyError:
+            expected = KeyError
+        try:
+            got: Any = sorted(streams_quick(ev))
+        except KeyError:
+            got = KeyError
+        assert got == expected, ev
+
+
+LINES = [
+    b'{"seq":1,"ts":"t","type":"x"}\n',
+    b'{"seq":1,"body":"\xed\xa0\x80"}\n',  # a surrogate, UTF-8 encoded
+    b'{"seq":1,"body":"\\ud800 \xe2\x98\x83"}\n',
+    b'{"seq":1} \n',
+    b'{"seq":1}\r\n',
+    b' {"seq":1}\n',
+    b'\xef\xbb\xbf{"seq":1}\n',
+    b'{"seq":1}{"seq":2}\n',
+    b'{"seq":1}x\n',
+    b'{"seq":1\n',
+    b'{"seq":NaN,"n":123456789012345678901234567890}\n',
+    b'{"seq":1,"body":"\xff"}\n',
+    b'{"seq":1,"body":"a\tb"}\n',
+    b'{"seq":1,"seq":2}\n',
+    b'{"\n',
+    b"\0\0\0\0\n",
+    b"[1]\n",
+    b"\n",
+]
+
+
+@pytest.mark.parametrize("raw", LINES, ids=range(len(LINES)))
+def test_decode_is_json_loads(raw: bytes) -> None:
+    def outcome(fn: Any) -> Any:
+        try:
+            return ("ok", repr(fn(raw)))
+        except ValueError as e:
+            return (type(e), str(e))
+
+    assert outcome(decode) == outcome(json.loads)
 
 
 def test_append_fills_seq_and_ts(tmp_path: Path, logs: list[EventLog]) -> None:
