@@ -187,7 +187,7 @@ class EventLog:
         self._stream_size: dict[str, int] = {}
         self._stream_last: dict[str, int] = {}  # only during replay
         self._stale: set[str] = set()
-        self._pending: dict[str, list[bytes]] = {}  # stream -> lines not yet written
+        self._pending: list[tuple[Iterable[str], bytes]] = []  # lines not yet in their streams
         self._pending_bytes = 0
         self._broken: str | None = None
         self.mtime_ns = time.time_ns()
@@ -296,9 +296,10 @@ class EventLog:
                     str(self.path), offset, lineno, str(e) or type(e).__name__
                 ) from None
             if catch_up and expected > low:
-                for stream in _streams(ev):
-                    if self._stream_last.get(stream, 0) < expected:
-                        self._stream_write(stream, raw)
+                streams = _streams(ev)
+                if self._stream_last:  # some streams hold this event already
+                    streams = [s for s in streams if self._stream_last.get(s, 0) < expected]
+                self._stream_write(streams, raw)
             report.last_seq = expected
             report.events += 1
             expected += 1
@@ -330,11 +331,8 @@ class EventLog:
         self._write_all(b"".join(raws))
         self.seq = seq
         self.mtime_ns = time.time_ns()
-        stale = self._stale
         for full, raw in zip(out, raws, strict=True):
-            for stream in _streams(full):
-                if stream not in stale:
-                    self._stream_write(stream, raw)
+            self._stream_write(_streams(full), raw)
         return out
 
     def _write_all(self, data: bytes) -> None:
@@ -362,33 +360,39 @@ class EventLog:
             self._stream_size[stream] = os.fstat(fd).st_size
         return fd
 
-    def _stream_write(self, stream: str, raw: bytes) -> None:
-        """Add a line to a stream. Streams are derived from the main log (rebuilt
-        at start), so their lines are written in batches: before the stream is
-        read, once STREAM_BUFFER bytes wait, and at close."""
-        pending = self._pending.get(stream)
-        if pending is None:
-            self._stream_fd(stream)
-            pending = self._pending[stream] = []
-        pending.append(raw)
-        n = len(raw)
-        self._stream_size[stream] += n
-        self._pending_bytes += n
+    def _stream_write(self, streams: Iterable[str], raw: bytes) -> None:
+        """Add a line to streams. Streams are derived from the main log (rebuilt
+        at start), so their lines are written in batches: before a stream is
+        read or its size asked, once STREAM_BUFFER bytes wait, and at close."""
+        self._pending.append((streams, raw))
+        self._pending_bytes += len(raw)
         if self._pending_bytes >= STREAM_BUFFER:
             self.flush_streams()
 
     def flush_streams(self) -> None:
-        for stream in list(self._pending):
-            self._flush(stream)
-
-    def _flush(self, stream: str) -> None:
-        parts = self._pending.pop(stream, None)
-        if not parts:
+        if not self._pending:
             return
-        data = b"".join(parts)
-        self._pending_bytes -= len(data)
-        fd = self._streams[stream]
-        start = self._stream_size[stream] - len(data)
+        parts: dict[str, list[bytes]] = {}
+        for streams, raw in self._pending:
+            for stream in streams:
+                lines = parts.get(stream)
+                if lines is None:
+                    parts[stream] = [raw]
+                else:
+                    lines.append(raw)
+        self._pending.clear()
+        self._pending_bytes = 0
+        for stream, lines in parts.items():
+            if stream not in self._stale:
+                self._flush(stream, b"".join(lines))
+
+    def _flush(self, stream: str, data: bytes) -> None:
+        try:
+            fd = self._stream_fd(stream)
+        except OSError:
+            self._stale.add(stream)  # as below
+            return
+        start = self._stream_size[stream]
         try:
             view = memoryview(data)
             while view:
@@ -400,7 +404,8 @@ class EventLog:
                 os.ftruncate(fd, start)
             except OSError:
                 pass
-            self._stream_size[stream] = start
+            return
+        self._stream_size[stream] = start + len(data)
 
     async def durable(self) -> None:
         """With durability `disk`: return once everything written so far is fsynced.
@@ -428,6 +433,7 @@ class EventLog:
     def size(self, stream: str | None = None) -> int:
         if stream is None:
             return self._size
+        self.flush_streams()
         if stream not in self._stream_size and not (self.state / "streams" / stream).exists():
             return 0
         self._stream_fd(stream)
@@ -438,13 +444,10 @@ class EventLog:
             end = self._size
             fd = self._fd
         else:
-            end = self.size(stream)
+            end = self.size(stream)  # with every line written
             if end == 0:
                 return b""
             fd = self._streams[stream]
-            if stream in self._pending:
-                self._flush(stream)
-                end = self._stream_size[stream]
         if offset >= end:
             return b""
         return os.pread(fd, min(size, end - offset), offset)
