@@ -28,26 +28,32 @@ _PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits -> two digits
 _RAND = (1 << 80) - 1
 _last_ms = 0
 _last_rand = 0
-_ms_digits = ""  # the 10 digits of _last_ms
+_prefix = ("", 0)  # the first 22 digits of the last id, and the 110 bits they hold
 
 
 def new_id() -> str:
     """A ULID: 48 bits of milliseconds, 80 random bits; monotonic within a millisecond.
 
-    26 base32 digits, two per table lookup: 10 for the milliseconds (50 bits, the
-    top 2 zero), made once per millisecond, and 16 for the random part.
+    26 base32 digits, two per table lookup. Ids of one millisecond count up from
+    a random start, so all but the last 20 bits (4 digits) rarely change: the 22
+    digits before them are made only when they do.
     """
-    global _last_ms, _last_rand, _ms_digits
+    global _last_ms, _last_rand, _prefix
     p = _PAIRS
     ms = time.time_ns() // 1_000_000
     if ms <= _last_ms:
+        ms = _last_ms
         rand = (_last_rand + 1) & _RAND
     else:
         rand = int.from_bytes(os.urandom(10), "big")
         _last_ms = ms
-        _ms_digits = "".join([p[(ms >> s) & 1023] for s in (40, 30, 20, 10, 0)])
     _last_rand = rand
-    return _ms_digits + "".join([p[(rand >> s) & 1023] for s in (70, 60, 50, 40, 30, 20, 10, 0)])
+    high = (ms << 60) | (rand >> 20)  # 110 bits: 22 digits
+    prefix, bits = _prefix
+    if bits != high:
+        prefix = "".join([p[(high >> s) & 1023] for s in range(100, -1, -10)])
+        _prefix = (prefix, high)
+    return prefix + p[(rand >> 10) & 1023] + p[rand & 1023]
 
 
 def is_id(s: object) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
@@ -148,6 +149,21 @@ def test_new_id_holds_its_millisecond() -> None:
             n = n * 32 + digits.index(c)
         assert before <= n >> 80 <= after
         time.sleep(0.0005)
+
+
+def test_new_ids_of_one_millisecond_count_up() -> None:
+    digits = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+    def number(mid: str) -> int:
+        n = 0
+        for c in mid:
+            n = n * 32 + digits.index(c)
+        return n
+
+    ids = [number(new_id()) for _ in range(5000)]
+    same = [(a, b) for a, b in itertools.pairwise(ids) if a >> 80 == b >> 80]
+    assert len(same) > 1000
+    assert all((b - a) % (1 << 80) == 1 for a, b in same)
 
 
 def test_new_id_sorted_across_milliseconds() -> None:
