@@ -53,10 +53,12 @@ class Agent:
         return len(self.inbox)
 
     def wake_readers(self) -> None:
-        self.arrived.unpark_all()
-        for handle in self.pollers:
-            handle.notify()
-        self.pollers.clear()
+        if self.arrived:  # most writes find no reader waiting
+            self.arrived.unpark_all()
+        if self.pollers:
+            for handle in self.pollers:
+                handle.notify()
+            self.pollers.clear()
 
 
 class Dispatcher:
@@ -301,7 +303,8 @@ class Dispatcher:
             [{"type": "deliver", "agent": name, "id": msg.id, "attempt": msg.delivered + 1}]
         )
         msg.holder = holder
-        agent.room.unpark_all()
+        if agent.room:
+            agent.room.unpark_all()
         return msg
 
     def ack(self, msg: Message, who: str) -> None:

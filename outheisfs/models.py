@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from json.encoder import encode_basestring
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -24,25 +25,35 @@ RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 
 _B32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _B32 for b in _B32]  # 10 bits -> two digits
-_SHIFTS = range(120, -1, -10)
+_RAND = (1 << 80) - 1
 _last_ms = 0
 _last_rand = 0
+_prefix = ("", 0)  # the first 22 digits of the last id, and the 110 bits they hold
 
 
 def new_id() -> str:
-    """A ULID: 48 bits of milliseconds, 80 random bits; monotonic within a millisecond."""
-    global _last_ms, _last_rand
+    """A ULID: 48 bits of milliseconds, 80 random bits; monotonic within a millisecond.
+
+    26 base32 digits, two per table lookup. Ids of one millisecond count up from
+    a random start, so all but the last 20 bits (4 digits) rarely change: the 22
+    digits before them are made only when they do.
+    """
+    global _last_ms, _last_rand, _prefix
+    p = _PAIRS
     ms = time.time_ns() // 1_000_000
     if ms <= _last_ms:
         ms = _last_ms
-        rand = _last_rand + 1
+        rand = (_last_rand + 1) & _RAND
     else:
         rand = int.from_bytes(os.urandom(10), "big")
-    _last_ms, _last_rand = ms, rand
-    n = (ms << 80) | (rand & ((1 << 80) - 1))
-    # 26 base32 digits (130 bits, the top 2 zero), two digits per table lookup.
-    p = _PAIRS
-    return "".join([p[(n >> s) & 1023] for s in _SHIFTS])
+        _last_ms = ms
+    _last_rand = rand
+    high = (ms << 60) | (rand >> 20)  # 110 bits: 22 digits
+    prefix, bits = _prefix
+    if bits != high:
+        prefix = "".join([p[(high >> s) & 1023] for s in range(100, -1, -10)])
+        _prefix = (prefix, high)
+    return prefix + p[(rand >> 10) & 1023] + p[rand & 1023]
 
 
 def is_id(s: object) -> bool:
@@ -51,21 +62,32 @@ def is_id(s: object) -> bool:
 
 _ts_sec = -1
 _ts_prefix = ""
+_ts_last = ("", 0.0)  # the last timestamp made, and what parse_ts gives for it
 
 
 def now() -> tuple[float, str]:
     """Wall-clock time as (epoch seconds, ISO 8601 UTC with microseconds)."""
-    global _ts_sec, _ts_prefix
+    global _ts_sec, _ts_prefix, _ts_last
     t = time.time()
     sec = int(t)
     if sec != _ts_sec:
         _ts_sec = sec
         _ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-    return t, f"{_ts_prefix}.{int((t - sec) * 1e6):06d}Z"
+    us = int((t - sec) * 1e6)
+    ts = f"{_ts_prefix}.{us:06d}Z"
+    _ts_last = (ts, (sec * 1_000_000 + us) / 1_000_000)  # as datetime.timestamp() divides
+    return t, ts
 
 
 def parse_ts(ts: str) -> float:
-    return datetime.fromisoformat(ts).timestamp()
+    """Epoch seconds of a timestamp. The last one made or parsed is known: a live
+    event's, and in a replay the events of one append share theirs."""
+    global _ts_last
+    last, t = _ts_last
+    if ts != last:
+        t = datetime.fromisoformat(ts).timestamp()
+        _ts_last = (ts, t)
+    return t
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
@@ -74,6 +96,17 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 def dumps(obj: Any) -> str:
     """Compact JSON, UTF-8 as is (one encoder: json.dumps builds one per call)."""
     return _ENCODER.encode(obj)
+
+
+def json_value(v: Any) -> str:
+    """`dumps(v)`, quicker for the strings, None and ints that fill events."""
+    if type(v) is str:
+        return encode_basestring(v)  # what the encoder does for a str
+    if v is None:
+        return "null"
+    if type(v) is int:
+        return int.__repr__(v)
+    return _ENCODER.encode(v)
 
 
 # -- a message in the system ---------------------------------------------------------

@@ -16,7 +16,9 @@ import pytest
 import trio
 
 from outheisfs.errors import LogDamaged
-from outheisfs.eventlog import MAIN, EventLog, concerned
+from outheisfs.eventlog import MAIN, EventLog, concerned, decode, encode, streams_of
+from outheisfs.eventlog import _streams as streams_quick
+from outheisfs.models import dumps
 
 from .helpers_unit import read_events, tree_bytes
 
@@ -99,6 +101,122 @@ def lines_of(state: Path) -> list[bytes]:
 def test_concerned_matches_samples() -> None:
     for ev, names in SAMPLES:
         assert concerned(ev) == names, ev
+
+
+BODIES: list[Any] = [
+    "hi",
+    "",
+    'quote " backslash \\ newline \n tab \t bell \x07 del \x7f',
+    "snow ☃, emoji 🦉, nul \x00, separator \u2028",
+    "\ud800 lone surrogate",
+    0,
+    -1,
+    2**64 + 1,
+    -(2**100),
+    1.5,
+    1e300,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    True,
+    False,
+    None,
+    [],
+    {},
+    [1, "two", None, {"three": [3.0]}],
+    {"re": "hi", "n": 2**70, "nested": {"a": [True, None]}},
+]
+
+
+@pytest.mark.parametrize("body", BODIES, ids=range(len(BODIES)))
+def test_message_lines_are_what_the_encoder_gives(body: Any) -> None:
+    ev = {
+        "seq": 12,
+        "ts": "2026-01-01T00:00:00.000001Z",
+        "type": "message",
+        "id": "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "from": "user",
+        "to": "echo",
+        "priority": "normal",
+        "body": body,
+        "reply_to": None,
+        "attempt": 1,
+    }
+
+    def outcome(fn: Any, e: Event) -> bytes | type[Exception]:
+        try:
+            return bytes(fn(e))
+        except Exception as x:  # a lone surrogate cannot be written
+            return type(x)
+
+    def encoder(e: Event) -> bytes:
+        return (dumps(e) + "\n").encode()
+
+    for changes in ({}, {"reply_to": "01ARZ3NDEKTSV4RRFFQ69G5FAW", "attempt": 3, "from": "a"}):
+        e = {**ev, **changes}
+        assert outcome(encode, e) == outcome(encoder, e)
+        assert sorted(streams_quick(e)) == sorted(streams_of(e))
+    # Any other shape, as a hand-edited log may hold, goes through the encoder.
+    odd = {**ev, "extra": 1, "to": ["a", "b"]}
+    assert outcome(encode, odd) == outcome(encoder, odd)
+    assert sorted(streams_quick(odd)) == sorted(streams_of(odd))
+    same = {**ev, "to": "user"}
+    assert sorted(streams_quick(same)) == sorted(streams_of(same))
+
+
+def test_streams_remembered_are_streams_of() -> None:
+    events = [ev for ev, _ in SAMPLES] + [
+        {"type": "message", "from": None, "to": "a"},
+        {"type": "message", "to": "a"},
+        {"type": "message", "from": "a", "to": ["b", "c", 1]},
+        {"type": "denied", "who": "a", "path": "/x"},
+        {"type": "ctl", "agent": {"odd": 1}, "who": "a"},
+        {"type": "deliver", "agent": "server"},
+        {"type": "x", "who": "-", "to": "a"},
+    ]
+    for ev in events * 2:  # the second time from what was remembered
+        try:
+            expected: Any = sorted(streams_of(ev))
+        except KeyError:
+            expected = KeyError
+        try:
+            got: Any = sorted(streams_quick(ev))
+        except KeyError:
+            got = KeyError
+        assert got == expected, ev
+
+
+LINES = [
+    b'{"seq":1,"ts":"t","type":"x"}\n',
+    b'{"seq":1,"body":"\xed\xa0\x80"}\n',  # a surrogate, UTF-8 encoded
+    b'{"seq":1,"body":"\\ud800 \xe2\x98\x83"}\n',
+    b'{"seq":1} \n',
+    b'{"seq":1}\r\n',
+    b' {"seq":1}\n',
+    b'\xef\xbb\xbf{"seq":1}\n',
+    b'{"seq":1}{"seq":2}\n',
+    b'{"seq":1}x\n',
+    b'{"seq":1\n',
+    b'{"seq":NaN,"n":123456789012345678901234567890}\n',
+    b'{"seq":1,"body":"\xff"}\n',
+    b'{"seq":1,"body":"a\tb"}\n',
+    b'{"seq":1,"seq":2}\n',
+    b'{"\n',
+    b"\0\0\0\0\n",
+    b"[1]\n",
+    b"\n",
+]
+
+
+@pytest.mark.parametrize("raw", LINES, ids=range(len(LINES)))
+def test_decode_is_json_loads(raw: bytes) -> None:
+    def outcome(fn: Any) -> Any:
+        try:
+            return ("ok", repr(fn(raw)))
+        except ValueError as e:
+            return (type(e), str(e))
+
+    assert outcome(decode) == outcome(json.loads)
 
 
 def test_append_fills_seq_and_ts(tmp_path: Path, logs: list[EventLog]) -> None:

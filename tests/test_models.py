@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
+from datetime import datetime
 
 import pytest
 
@@ -136,6 +138,34 @@ def test_new_id_unique_and_sorted() -> None:
     assert all(is_id(i) for i in ids[:100])
 
 
+def test_new_id_holds_its_millisecond() -> None:
+    digits = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    for _ in range(100):
+        before = time.time_ns() // 1_000_000
+        mid = new_id()
+        after = time.time_ns() // 1_000_000
+        n = 0
+        for c in mid:
+            n = n * 32 + digits.index(c)
+        assert before <= n >> 80 <= after
+        time.sleep(0.0005)
+
+
+def test_new_ids_of_one_millisecond_count_up() -> None:
+    digits = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+    def number(mid: str) -> int:
+        n = 0
+        for c in mid:
+            n = n * 32 + digits.index(c)
+        return n
+
+    ids = [number(new_id()) for _ in range(5000)]
+    same = [(a, b) for a, b in itertools.pairwise(ids) if a >> 80 == b >> 80]
+    assert len(same) > 1000
+    assert all((b - a) % (1 << 80) == 1 for a, b in same)
+
+
 def test_new_id_sorted_across_milliseconds() -> None:
     ids = []
     for _ in range(5):
@@ -156,6 +186,13 @@ def test_now_is_iso_utc_with_microseconds() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", ts)
     assert abs(parse_ts(ts) - t) < 1e-5
     assert abs(t - time.time()) < 5
+
+
+def test_parse_ts_of_the_last_timestamp_is_what_parsing_gives() -> None:
+    for _ in range(2000):
+        _, ts = now()
+        assert parse_ts(ts) == datetime.fromisoformat(ts).timestamp()
+    assert parse_ts("2026-01-01T00:00:00.000001Z") == 1767225600.000001
 
 
 # -- what a reader gets --------------------------------------------------------------
