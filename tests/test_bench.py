@@ -22,6 +22,7 @@ EXPECTED = FLOORED | {
     "agents_open_write_close",
     "disk_one_fd",
     "disk_four_writers",
+    "disk_four_inboxes",
     "log_ready",
     "log_memory",
 }
