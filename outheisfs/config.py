@@ -67,11 +67,19 @@ class Config(BaseModel):
     max_attempts: int = Field(default=5, ge=1)
     aging: float = Field(default=10.0, gt=0)
     stop_grace: float = Field(default=5.0, ge=0)
+    # What one agent may hold of the server at once (the operator is not limited):
+    max_waiting: int = Field(default=64, ge=1)  # requests parked: blocked reads and writes
+    max_unfinished: int = Field(default=16 << 20, ge=64)  # bytes of unterminated lines
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     vault: dict[str, str] = Field(default_factory=dict)
     home: Path = Field(default=Path("."), exclude=True)
 
     def check_names(self) -> None:
+        if self.max_unfinished < self.max_message:
+            raise ConfigError(
+                f"max_unfinished: {self.max_unfinished} is less than max_message "
+                f"({self.max_message}): an agent could not write one whole message"
+            )
         for name, agent in self.agents.items():
             if name == "user":
                 raise ConfigError(f"agents.{name}: 'user' is reserved for the operator")

@@ -69,6 +69,13 @@ class Interrupted(OutheisError):
     errno = errno.EINTR
 
 
+class OverLimit(OutheisError):
+    """An agent already holds its share of the server: parked requests or
+    unfinished lines (`max_waiting`, `max_unfinished`)."""
+
+    errno = errno.ENOBUFS
+
+
 class Busy(OutheisError):
     """The agent has a process (rmdir)."""
 

@@ -32,6 +32,7 @@ from .errors import (
     NotLogged,
     NotPermitted,
     OutheisError,
+    OverLimit,
     WouldBlock,
 )
 from .eventlog import Event, EventLog
@@ -126,6 +127,9 @@ class Operations(pyfuse3.Operations):
         for name in dispatcher.agents:
             self.tree.add_agent(name)
         self.handles: dict[int, Handle] = {}
+        # What each agent holds of the server now (the operator is not counted):
+        self.waiting: dict[str, int] = {}  # requests parked
+        self.unfinished: dict[str, int] = {}  # bytes of unterminated lines
         self.dirs: dict[int, tuple[int, str]] = {}  # open folders: fh -> (inode, who)
         self._denied: dict[str, tuple[float, float, int]] = {}  # who -> (tokens, when, unlogged)
         self.store = Store(log_.state / "vault", VAULT_INODE)
@@ -599,8 +603,11 @@ class Operations(pyfuse3.Operations):
         if vf is not None:
             return self.vault.write(vf, off, buf)
         h = self._handle(fh)
+        held = len(h.lines.partial)
         try:
             lines = h.lines.feed(buf)
+            self._hold_unfinished(h, held)
+            held = len(h.lines.partial)
             if h.lines.partial and not h.pid:
                 # How the writer ends decides the fate of this line; if the opening
                 # thread is gone by then, its process tells (see `flush`).
@@ -611,7 +618,22 @@ class Operations(pyfuse3.Operations):
             h.lines.failed(e)
             self._error(h.who, h.path, e)
             raise
+        finally:
+            _count(self.unfinished, h.who, len(h.lines.partial) - held)
         return len(buf)
+
+    def _hold_unfinished(self, h: Handle, held: int) -> None:
+        """Count what a write added to its unterminated line, unless the writer's
+        agent would then hold more than `max_unfinished` bytes of such lines."""
+        grown = len(h.lines.partial) - held
+        if grown <= 0 or h.who == USER:
+            _count(self.unfinished, h.who, grown)
+            return
+        total = self.unfinished.get(h.who, 0) + grown
+        limit = self.d.config.max_unfinished
+        if total > limit:
+            raise OverLimit(f"{h.who} would hold {total} bytes of unfinished lines (max {limit})")
+        _count(self.unfinished, h.who, grown)
 
     async def _write_lines(self, h: Handle, lines: list[bytes]) -> None:
         try:
@@ -630,6 +652,13 @@ class Operations(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is None or not (h.msg is not None or h.lines.partial):
             return
+        held = len(h.lines.partial)
+        try:
+            await self._flush(h)
+        finally:
+            _count(self.unfinished, h.who, len(h.lines.partial) - held)
+
+    async def _flush(self, h: Handle) -> None:
         st = self._opener_stat(h)
         if st is not None and st.exiting:
             # The opener is exiting: its status is final and tells how [FUSE notes].
@@ -659,6 +688,7 @@ class Operations(pyfuse3.Operations):
             self.vault.release(fh)
             return
         self._forget_poll(h)
+        _count(self.unfinished, h.who, -len(h.lines.partial))
         if h.lines.partial and not h.dropped:
             try:
                 await self._write_lines(h, [h.lines.take_rest()])
@@ -737,8 +767,21 @@ class Operations(pyfuse3.Operations):
 
     async def _park(self, lot: trio.lowlevel.ParkingLot, h: Handle) -> None:
         """Wait to be woken through `lot`; give up with EINTR when the caller has a
-        signal pending, so that the signal can act (pyfuse3 has no interrupts)."""
-        if not await self.parking.park(lot, h.tid, *([h.pid] if h.pid else [])):
+        signal pending, so that the signal can act (pyfuse3 has no interrupts).
+        An agent has at most `max_waiting` requests parked at once: each holds
+        one of the server's request workers."""
+        if h.who != USER:
+            limit = self.d.config.max_waiting
+            if self.waiting.get(h.who, 0) >= limit:
+                e = OverLimit(f"{h.who} has {limit} requests waiting already (max_waiting)")
+                self._error(h.who, h.path, e)
+                raise e
+        _count(self.waiting, h.who, 1)
+        try:
+            woken = await self.parking.park(lot, h.tid, *([h.pid] if h.pid else []))
+        finally:
+            _count(self.waiting, h.who, -1)
+        if not woken:
             raise Interrupted("signal pending")
 
     def _learn_opener(self, h: Handle) -> None:
@@ -914,6 +957,14 @@ _STREAMS: dict[Kind, str | None] = {
     Kind.OUTBOX: "{}.outbox",
 }
 _GROWING = {Kind.ROOT_LOG, Kind.LOG, Kind.OUTBOX}
+
+
+def _count(table: dict[str, int], who: str, delta: int) -> None:
+    n = table.get(who, 0) + delta
+    if n:
+        table[who] = n
+    else:
+        table.pop(who, None)
 
 
 def describe_exit(code: int) -> str:

@@ -104,6 +104,7 @@ def test_defaults() -> None:
     assert c.max_message == 1 << 20
     assert c.max_attempts == 5
     assert c.aging == 10.0
+    assert c.max_waiting == 64 and c.max_unfinished == 16 << 20
     assert c.agents == {} and c.vault == {}
     a = parse("[agents.echo]\n").agents["echo"]
     assert a == AgentConfig()
@@ -129,6 +130,8 @@ def test_defaults() -> None:
         ("max_queue = 0", "max_queue"),
         ("max_attempts = 0", "max_attempts"),
         ("aging = 0", "aging"),
+        ("max_waiting = 0", "max_waiting"),
+        ("max_unfinished = 100", "max_unfinished"),  # less than max_message
         ('[agents.echo]\npriority = "urgent"', "agents.echo.priority"),
         ('[agents.echo]\nrestart = "sometimes"', "agents.echo.restart"),
         ("[agents.echo]\nmax_restarts = -1", "agents.echo.max_restarts"),

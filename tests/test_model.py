@@ -413,6 +413,10 @@ def check(server: Server, model: Model) -> None:
         assert sorted(d.agents[name].inflight) == sorted(str(x.id) for x in model.inflight(name))
         assert d.agents[name].dead == model.dead.get(name, 0)
     assert [e["errno"] for e in read_events(server.state, "error")] == model.errors
+    # What the server counts against the writers' limits is what their files hold.
+    held = sum(len(w.partial) for w in model.writers)
+    assert server.ops.unfinished == ({"user": held} if held else {})
+    assert server.ops.waiting == {}
 
 
 async def step(server: Server, model: Model, op: tuple[Any, ...]) -> Server:

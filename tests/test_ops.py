@@ -639,3 +639,63 @@ async def test_disk_durability_fsyncs_before_write_returns(
     monkeypatch.setattr(os, "fsync", counting)
     await env.write("agents/echo/inbox", b"safe\n")
     assert calls, "a write returns after fsync [SPEC §8]"
+
+
+# -- what one agent may hold of the server -------------------------------------------
+
+
+async def test_an_agent_has_at_most_max_waiting_requests_parked(
+    tmp_path: Path, envs: list[OpsEnv]
+) -> None:
+    env = make_env(tmp_path, envs, max_waiting=2)
+    env.ops.procs.labels[os.getpid()] = "echo"  # this process acts as echo
+    fhs = [await env.open("agents/echo/inbox", RD) for _ in range(3)]
+    got: list[bytes] = []
+
+    async def reader(fh: int) -> None:
+        got.append(await env.ops.read(fh, 0, 4096))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(env.ops.parking.run)
+        nursery.start_soon(reader, fhs[0])
+        nursery.start_soon(reader, fhs[1])
+        await trio.sleep(0.05)
+        assert env.ops.waiting == {"echo": 2}
+        assert await fuse_errno(env.ops.read(fhs[2], 0, 4096)) == errno.ENOBUFS
+        assert last_error(env)["errno"] == "ENOBUFS" and "max_waiting" in last_error(env)["why"]
+        assert env.events("deliver") == [], "the refused read took nothing"
+        del env.ops.procs.labels[os.getpid()]  # the operator sends; it is not limited
+        await env.write("agents/echo/inbox", b"one\ntwo\n")
+        with trio.fail_after(2):
+            while len(got) < 2:
+                await trio.sleep(0.005)
+        nursery.cancel_scope.cancel()
+    assert sorted(json.loads(x)["body"] for x in got) == ["one", "two"]
+    assert env.ops.waiting == {}
+    for fh in fhs:
+        await env.ops.release(fh)
+
+
+async def test_an_agent_holds_at_most_max_unfinished_bytes_of_unterminated_lines(
+    tmp_path: Path, envs: list[OpsEnv]
+) -> None:
+    env = make_env(tmp_path, envs, max_message=64, max_unfinished=100)
+    env.ops.procs.labels[os.getpid()] = "echo"
+    a, b = [await env.open("agents/echo/outbox", WR) for _ in range(2)]
+    assert await env.ops.write(a, 0, b"x" * 60) == 60
+    assert env.ops.unfinished == {"echo": 60}
+    assert await fuse_errno(env.ops.write(b, 0, b"y" * 50)) == errno.ENOBUFS
+    assert last_error(env)["errno"] == "ENOBUFS" and "max 100" in last_error(env)["why"]
+    assert env.ops.unfinished == {"echo": 60}, "the refused bytes are not kept"
+    await env.ops.release(a)  # its line goes (and is refused: nothing in flight to answer)
+    assert env.ops.unfinished == {}
+    assert await env.ops.write(b, 0, b"y" * 50) == 50
+    await env.ops.release(b)
+    del env.ops.procs.labels[os.getpid()]
+    # The operator's files are not counted against any limit.
+    c, d = [await env.open("agents/echo/inbox", WR) for _ in range(2)]
+    assert await env.ops.write(c, 0, b"x" * 60) == 60
+    assert await env.ops.write(d, 0, b"y" * 60) == 60
+    await env.ops.release(c)
+    await env.ops.release(d)
+    assert [m.body for m in env.d.agents["echo"].inbox.messages()] == ["x" * 60, "y" * 60]

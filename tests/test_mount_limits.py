@@ -1,0 +1,48 @@
+"""What one agent may hold of the server, through a real mount [SPEC §6].
+
+An agent that parks request after request (blocked reads of an empty inbox) would
+take every request worker of the server, and every other agent would hang. Past
+`max_waiting` parked requests, its next one is refused with ENOBUFS and an
+`error` event; the operator is not limited.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from .conftest import Server, outheisfs
+
+# Twelve blocked `cat`s of one inbox; after a moment, say how each one ended.
+CATS = """
+for i in $(seq 12); do cat "$1" > /dev/null 2>> "$2" & done
+sleep 1.5
+jobs -r | wc -l
+kill %1 %2 %3 %4 %5 %6 %7 %8 %9 %10 %11 %12 2> /dev/null
+wait
+"""
+
+
+def alice_cats(server: Server, inbox: str, errs: str) -> subprocess.CompletedProcess[str]:
+    mp = str(server.mp)
+    return outheisfs("run", "alice", "--mount", mp, "--", "bash", "-c", CATS, "-", inbox, errs)
+
+
+def test_an_agent_parks_at_most_max_waiting_requests_the_operator_more(server: Server) -> None:
+    server.write_config("max_waiting = 8\n[agents.alice]\n")
+    server.mount()
+    inbox, errs = str(server.agent("alice", "inbox")), server.root / "errs"
+    r = alice_cats(server, inbox, str(errs))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["8"], "eight wait, the others were refused"
+    assert errs.read_text().count("No buffer space available") == 4
+    refused = [e for e in server.events("error") if e["errno"] == "ENOBUFS"]
+    assert len(refused) == 4 and all(e["who"] == "alice" for e in refused)
+    assert server.events("deliver") == [], "nothing was taken"
+    # Once they are gone, alice may wait again; and the operator is not limited.
+    errs.unlink()
+    r = alice_cats(server, inbox, str(errs))
+    assert r.stdout.split() == ["8"]
+    errs.unlink()
+    r = subprocess.run(["bash", "-c", CATS, "-", inbox, str(errs)], capture_output=True, text=True)
+    assert r.stdout.split() == ["12"], "all of the operator's readers wait"
+    assert "No buffer space" not in errs.read_text()
