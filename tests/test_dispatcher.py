@@ -216,6 +216,7 @@ def test_retry_increments_attempt_then_dead(env: Env) -> None:
         m = d.take("echo", object())
         assert m is not None
         attempts.append(m.delivered)
+        attempts_id = m.id
         assert f'"attempt":{m.delivered}'.encode() in m.line()
         d.retry(m, "killed by signal 9")
     assert attempts == [1, 2, 3]
@@ -223,7 +224,7 @@ def test_retry_increments_attempt_then_dead(env: Env) -> None:
     assert a.dead == 1 and a.queued == 0 and a.inflight == {} and d.messages == {}
     assert d.take("echo", object()) is None
     dead = read_events(env.state, "dead")
-    assert len(dead) == 1 and dead[0]["id"] == m.id and dead[0]["agent"] == "echo"
+    assert len(dead) == 1 and dead[0]["id"] == attempts_id and dead[0]["agent"] == "echo"
     redeliver = read_events(env.state, "redeliver")
     assert [e["attempt"] for e in redeliver] == [2, 3]
 
@@ -531,7 +532,7 @@ def test_requeue_inflight_after_restart(tmp_path: Path) -> None:
 
 def mount_with(state: Path, agents: dict[str, dict[str, object]]) -> tuple[Dispatcher, EventLog]:
     """Open the state as `mount` does, with a config holding `agents`, and log the mount."""
-    config = make_config(agents)  # type: ignore[arg-type]
+    config = make_config(agents)
     d, log = open_dispatcher(state, config)
     d.record([{"type": "mount", "agents": {n: a.priority for n, a in config.agents.items()}}])
     return d, log

@@ -314,7 +314,7 @@ def test_torn_last_record_every_cut(tmp_path: Path) -> None:
         state = tmp_path / f"cut{cut}"
         shutil.copytree(orig, state)
         (state / MAIN).write_bytes(full[:cut])
-        log, seen = EventLog(state), []
+        log, seen = EventLog(state), list[dict[str, Any]]()
         report = log.open(seen.append)
         try:
             assert report.torn == (start, cut - start), cut

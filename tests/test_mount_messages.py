@@ -179,7 +179,7 @@ def test_one_message_per_read_and_small_buffers(mounted: Server) -> None:
     try:
         first = os.read(fd, 65536)
         assert first.count(b"\n") == 1 and json.loads(first)["body"] == "first"
-        parts = []
+        parts: list[bytes] = []
         while not (parts and parts[-1].endswith(b"\n")):
             parts.append(os.read(fd, 7))  # a small buffer gets the rest later
         assert all(len(p) <= 7 for p in parts)
