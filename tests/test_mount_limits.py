@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import subprocess
 
-from .conftest import Server, outheisfs
+from .conftest import PY, Server, outheisfs
 
 # Twelve blocked `cat`s of one inbox; after a moment, say how each one ended.
 CATS = """
@@ -46,3 +46,35 @@ def test_an_agent_parks_at_most_max_waiting_requests_the_operator_more(server: S
     r = subprocess.run(["bash", "-c", CATS, "-", inbox, str(errs)], capture_output=True, text=True)
     assert r.stdout.split() == ["12"], "all of the operator's readers wait"
     assert "No buffer space" not in errs.read_text()
+
+
+# Two open files of one outbox, each given 600 kB of an unterminated line: the
+# second goes past max_unfinished, and fits once the first is closed.
+HOARDER = """
+import os, sys
+def write(fd):
+    try:
+        os.write(fd, b"x" * 600_000)
+        print("kept")
+    except OSError as e:
+        print(os.strerror(e.errno))
+a, b = os.open(sys.argv[1], os.O_WRONLY), os.open(sys.argv[1], os.O_WRONLY)
+write(a)
+write(b)
+os.close(a)  # its line goes now (refused later: alice holds nothing to answer)
+write(b)
+os._exit(0)
+"""
+
+
+def test_an_agent_holds_at_most_max_unfinished_bytes_of_unterminated_lines(
+    server: Server,
+) -> None:
+    server.write_config("max_unfinished = 1048576\n[agents.alice]\n")
+    server.mount()
+    outbox = str(server.agent("alice", "outbox"))
+    r = outheisfs("run", "alice", "--mount", str(server.mp), "--", PY, "-c", HOARDER, outbox)
+    assert r.stdout.splitlines() == ["kept", "No buffer space available", "kept"], r.stderr
+    refused = [e for e in server.events("error") if e["errno"] == "ENOBUFS"]
+    assert len(refused) == 1 and refused[0]["who"] == "alice"
+    assert "max 1048576" in refused[0]["why"]
