@@ -122,10 +122,10 @@ def _streams(ev: Event) -> Iterable[str]:
     """`streams_of(ev)`, remembered: the same few agents recur in every event."""
     get = ev.get
     key = (get("type"), get("agent", _ABSENT), get("from", _ABSENT), get("who", _ABSENT), get("to"))
-    try:
+    if all(type(v) is str or v is None or v is _ABSENT for v in key):
         return _streams_by(key)
-    except TypeError:  # a list of recipients, or a hand-edited event
-        return streams_of(ev)
+    # A list of recipients, or a hand-edited event: 1, 1.0 and True are equal keys.
+    return streams_of(ev)
 
 
 @dataclass

@@ -44,6 +44,8 @@ def new_id() -> str:
     if ms <= _last_ms:
         ms = _last_ms
         rand = (_last_rand + 1) & _RAND
+        if not rand:  # the random part overflowed: carry into the time
+            ms = _last_ms = ms + 1
     else:
         rand = int.from_bytes(os.urandom(10), "big")
         _last_ms = ms

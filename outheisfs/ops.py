@@ -96,6 +96,7 @@ class Handle:
     snapshot: bytes | None = None  # ctl: status as of open
     poll: Any = None
     dropped: bool = False  # writer killed by a signal: its unterminated line is void
+    counted: int = 0  # bytes of its unterminated line counted against `max_unfinished`
 
     @property
     def path(self) -> str:
@@ -603,11 +604,10 @@ class Operations(pyfuse3.Operations):
         if vf is not None:
             return self.vault.write(vf, off, buf)
         h = self._handle(fh)
-        held = len(h.lines.partial)
         try:
             lines = h.lines.feed(buf)
-            self._hold_unfinished(h, held)
-            held = len(h.lines.partial)
+            self._check_unfinished(h)
+            self._recount(h)
             if h.lines.partial and not h.pid:
                 # How the writer ends decides the fate of this line; if the opening
                 # thread is gone by then, its process tells (see `flush`).
@@ -619,21 +619,28 @@ class Operations(pyfuse3.Operations):
             self._error(h.who, h.path, e)
             raise
         finally:
-            _count(self.unfinished, h.who, len(h.lines.partial) - held)
+            self._recount(h)
         return len(buf)
 
-    def _hold_unfinished(self, h: Handle, held: int) -> None:
-        """Count what a write added to its unterminated line, unless the writer's
-        agent would then hold more than `max_unfinished` bytes of such lines."""
-        grown = len(h.lines.partial) - held
-        if grown <= 0 or h.who == USER:
-            _count(self.unfinished, h.who, grown)
-            return
-        total = self.unfinished.get(h.who, 0) + grown
-        limit = self.d.config.max_unfinished
-        if total > limit:
-            raise OverLimit(f"{h.who} would hold {total} bytes of unfinished lines (max {limit})")
-        _count(self.unfinished, h.who, grown)
+    def _check_unfinished(self, h: Handle) -> None:
+        """Refuse a write after which the writer's agent would hold more than
+        `max_unfinished` bytes of unterminated lines (the operator may)."""
+        grown = len(h.lines.partial) - h.counted
+        if grown > 0 and h.who != USER:
+            total = self.unfinished.get(h.who, 0) + grown
+            limit = self.d.config.max_unfinished
+            if total > limit:
+                why = f"{h.who} would hold {total} bytes of unfinished lines (max {limit})"
+                raise OverLimit(why)
+
+    def _recount(self, h: Handle) -> None:
+        """Count the handle's unterminated line as it is now. Requests on one open
+        file may overlap (a flush while a write waits), so each one counts the
+        difference from what was counted last, never from what it saw first."""
+        n = len(h.lines.partial)
+        if n != h.counted:
+            _count(self.unfinished, h.who, n - h.counted)
+            h.counted = n
 
     async def _write_lines(self, h: Handle, lines: list[bytes]) -> None:
         try:
@@ -652,11 +659,10 @@ class Operations(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is None or not (h.msg is not None or h.lines.partial):
             return
-        held = len(h.lines.partial)
         try:
             await self._flush(h)
         finally:
-            _count(self.unfinished, h.who, len(h.lines.partial) - held)
+            self._recount(h)
 
     async def _flush(self, h: Handle) -> None:
         st = self._opener_stat(h)
@@ -688,10 +694,11 @@ class Operations(pyfuse3.Operations):
             self.vault.release(fh)
             return
         self._forget_poll(h)
-        _count(self.unfinished, h.who, -len(h.lines.partial))
-        if h.lines.partial and not h.dropped:
+        rest = h.lines.take_rest()
+        self._recount(h)
+        if rest and not h.dropped:
             try:
-                await self._write_lines(h, [h.lines.take_rest()])
+                await self._write_lines(h, [rest])
             except OutheisError as e:
                 self._error(h.who, h.path, e)
         if h.msg is not None:
@@ -790,7 +797,20 @@ class Operations(pyfuse3.Operations):
         h.start = st.start if st else 0
 
     def _opener_holds(self, h: Handle) -> bool:
-        return procinfo.holds_for_writing(h.pid or h.tid, h.node.inode, h.path)
+        """Whether the opener may still hold a copy of this open file: it has more
+        descriptors open for writing on the file than its other open files of it
+        (each of which has one at least). /proc cannot tell which open file a
+        descriptor belongs to, so this counts."""
+        opener = h.pid or procinfo.tgid(h.tid)
+        others = sum(
+            1
+            for o in self.handles.values()
+            if o is not h
+            and o.write
+            and o.node.inode == h.node.inode
+            and (o.pid or procinfo.tgid(o.tid)) == opener
+        )
+        return procinfo.writers_of(opener, h.node.inode, h.path) > others
 
     def _opener_stat(self, h: Handle) -> procinfo.Stat | None:
         st = procinfo.stat(h.tid)
@@ -849,7 +869,10 @@ class Operations(pyfuse3.Operations):
             if h.nonblock:
                 raise WouldBlock(f"inbox of {full.name} is full")
             await self._park(full.room, h)
-        self.d.deliver(events)
+        try:
+            self.d.deliver(events)
+        except UnicodeEncodeError:  # a "\ud800" escape in JSON: nothing was logged
+            raise BadInput("body holds a lone surrogate: not Unicode text") from None
         await self.log.durable()
 
     def _check_routes(self, owner: str, events: list[Event]) -> None:

@@ -55,16 +55,17 @@ def tgid(tid: int) -> int:
     return tid
 
 
-def holds_for_writing(tid: int, ino: int, suffix: str) -> bool:
-    """Whether the process of TID still has a descriptor open for writing on the
-    file numbered `ino` whose path ends with `suffix`. Only /proc is read (the
-    links' text and fdinfo), never the file itself: asking the mount from its own
+def writers_of(tid: int, ino: int, suffix: str) -> int:
+    """How many descriptors the process of TID has open for writing on the file
+    numbered `ino` whose path ends with `suffix`. Only /proc is read (the links'
+    text and fdinfo), never the file itself: asking the mount from its own
     server would wait for itself."""
     base = f"/proc/{tid}"
     try:
         fds = os.listdir(f"{base}/fd")
     except OSError:
-        return False
+        return 0
+    n = 0
     for fd in fds:
         try:
             if not os.readlink(f"{base}/fd/{fd}").endswith(suffix):
@@ -72,10 +73,10 @@ def holds_for_writing(tid: int, ino: int, suffix: str) -> bool:
             with open(f"{base}/fdinfo/{fd}", "rb") as f:
                 info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
             if int(info[b"ino"]) == ino and int(info[b"flags"], 8) & (os.O_WRONLY | os.O_RDWR):
-                return True
+                n += 1
         except (OSError, KeyError, ValueError):
             continue
-    return False
+    return n
 
 
 def abnormal(exit_code: int) -> bool:
@@ -96,4 +97,4 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-__all__ = ["Stat", "abnormal", "holds_for_writing", "killed_by_signal", "os", "stat", "tgid"]
+__all__ = ["Stat", "abnormal", "killed_by_signal", "os", "stat", "tgid", "writers_of"]

@@ -699,3 +699,41 @@ async def test_an_agent_holds_at_most_max_unfinished_bytes_of_unterminated_lines
     await env.ops.release(c)
     await env.ops.release(d)
     assert [m.body for m in env.d.agents["echo"].inbox.messages()] == ["x" * 60, "y" * 60]
+
+
+async def test_a_flush_while_a_write_waits_counts_the_line_once(
+    tmp_path: Path, envs: list[OpsEnv]
+) -> None:
+    env = make_ops_env(
+        tmp_path, make_config({"echo": {"send": ["notes"]}, "notes": {}}, max_queue=1)
+    )
+    envs.append(env)
+    await env.write("agents/notes/inbox", b"filler\n")  # full
+    env.ops.procs.labels[os.getpid()] = "echo"
+    fh = await env.open("agents/notes/inbox", WR)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(env.ops.parking.run)
+        nursery.start_soon(env.ops.write, fh, 0, b"line1\npartial")  # waits for room
+        await trio.sleep(0.05)
+        assert env.ops.unfinished == {"echo": 7}
+        nursery.start_soon(env.ops.flush, fh)  # a copy closed: the line goes too
+        await trio.sleep(0.05)
+        del env.ops.procs.labels[os.getpid()]
+        rd = await env.open("agents/notes/inbox", RD)
+        bodies: list[str] = []
+        with trio.fail_after(2):
+            while len(bodies) < 3:
+                bodies.append(json.loads(await env.ops.read(rd, 0, 4096))["body"])
+        nursery.cancel_scope.cancel()
+    assert bodies == ["filler", "line1", "partial"]
+    assert env.ops.unfinished == {}, "counted once, released once"
+    await env.ops.release(fh)
+    await env.ops.release(rd)
+    assert env.ops.unfinished == {}
+
+
+async def test_a_lone_surrogate_in_a_body_is_einval_with_an_event(env: OpsEnv) -> None:
+    line = b'{"body": "\\ud800"}\n'
+    assert await fuse_errno(env.write("agents/echo/inbox", line)) == errno.EINVAL
+    assert "surrogate" in last_error(env)["why"]
+    assert env.events("message") == [] and env.d.agents["echo"].queued == 0

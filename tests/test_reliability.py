@@ -37,6 +37,8 @@ import pytest
 
 from .conftest import PY, Server, _alive, outheisfs, sh, take, wait_for
 
+TEXT: dict[str, Any] = {"capture_output": True, "text": True, "timeout": 30}
+
 pytestmark = pytest.mark.mount
 
 WRITER = Path(__file__).parent / "agents" / "numbered_writer.py"
@@ -235,6 +237,35 @@ def test_writer_killed_between_two_halves_of_a_line_delivers_nothing_of_it(
         assert msg["body"] == "whole line", sig
         assert nothing_more(server, "sink"), sig
     assert not any("half" in str(b) for b in logged_bodies(server))
+
+
+TWO_OPENS = """
+import os, sys
+keep = os.open(sys.argv[1], os.O_WRONLY)  # another open file of the same inbox
+fd = os.open(sys.argv[1], os.O_WRONLY)
+os.write(fd, sys.argv[2].encode())
+try:
+    os.close(fd)
+    print("closed")
+except OSError as e:
+    print(os.strerror(e.errno))
+"""
+
+
+def test_close_of_its_own_open_file_sends_the_line_and_reports_a_refusal(
+    server: Server,
+) -> None:
+    """A process that has the inbox open twice: closing one open file sends its
+    unterminated line then, and close() tells when it was refused. (Closing a
+    mere copy of a descriptor, as bash's `printf >&3` does, lets the line go on.)"""
+    server.write_config("[agents.sink]\n")
+    server.mount()
+    inbox = str(server.agent("sink", "inbox"))
+    bad = subprocess.run([PY, "-c", TWO_OPENS, inbox, '{"body": 1, "bogus": 2}'], **TEXT)
+    assert bad.stdout.split("\n")[0] == "Invalid argument"
+    good = subprocess.run([PY, "-c", TWO_OPENS, inbox, "sent at close"], **TEXT)
+    assert good.stdout.split("\n")[0] == "closed"
+    assert [m["body"] for m in take(server, "sink", 1)] == ["sent at close"]
 
 
 def test_unterminated_line_of_a_writer_not_killed_is_one_message(server: Server) -> None:
