@@ -14,7 +14,7 @@ import os
 import select
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar, cast
 
 import pyfuse3
@@ -97,6 +97,9 @@ class Handle:
     poll: Any = None
     dropped: bool = False  # writer killed by a signal: its unterminated line is void
     counted: int = 0  # bytes of its unterminated line counted against `max_unfinished`
+    # Lines of one open file are sent in the order written, even when a flush
+    # comes while a write waits for room.
+    sending: trio.Lock = field(default_factory=trio.Lock)
 
     @property
     def path(self) -> str:
@@ -644,6 +647,10 @@ class Operations(pyfuse3.Operations):
 
     async def _write_lines(self, h: Handle, lines: list[bytes]) -> None:
         try:
+            h.sending.acquire_nowait()  # no scheduling point when no one holds it
+        except trio.WouldBlock:
+            await h.sending.acquire()
+        try:
             if h.node.row.kind is Kind.CTL:
                 await self._run_ctl(h, lines)
             else:
@@ -653,6 +660,8 @@ class Operations(pyfuse3.Operations):
             # rest of a refused line is dropped with it, never sent at close.
             why = f"event log not written: {e.strerror or e}"
             raise NotLogged(why, e.errno or errno.EIO) from e
+        finally:
+            h.sending.release()
 
     @handler
     async def flush(self, fh: int) -> None:
