@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .operators import Operators
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 Priority = Literal["interactive", "normal", "background"]
@@ -72,6 +73,8 @@ class Config(BaseModel):
     max_unfinished: int = Field(default=16 << 20, ge=64)  # bytes of unterminated lines
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     vault: dict[str, str] = Field(default_factory=dict)
+    # Users whose processes act as the operator, beside the mounting user and root:
+    operators: list[str | int] = Field(default_factory=list)
     home: Path = Field(default=Path("."), exclude=True)
 
     def check_names(self) -> None:
@@ -89,6 +92,7 @@ class Config(BaseModel):
                 if target != "*" and target != "user" and target not in self.agents:
                     raise ConfigError(f"agents.{name}.send: unknown agent {target!r}")
         self.check_vault()
+        Operators.resolve(self.operators)  # an unknown user or group names the key
 
     def check_vault(self) -> None:
         for domain, owner in self.vault.items():

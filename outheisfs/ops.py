@@ -38,6 +38,7 @@ from .errors import (
 from .eventlog import Event, EventLog
 from .lines import LineBuffer
 from .models import Message, parse_line
+from .operators import Operators, is_stranger, stranger
 from .parking import Parking
 from .procevents import ProcEvents
 from .supervisor import Supervisor
@@ -145,6 +146,7 @@ class Operations(pyfuse3.Operations):
         self.parking = Parking()
         self.settling: set[Message] = set()
         self.uid = os.getuid()
+        self.operators = Operators.resolve(dispatcher.config.operators)
         self.gid = os.getgid()
         self.started_ns = time.time_ns()
 
@@ -154,12 +156,15 @@ class Operations(pyfuse3.Operations):
         """The agent a request acts for: the label of the calling process, given
         to it (or an ancestor) by the supervisor or `outheisfs run`. A process that
         is no agent's is the operator; a request that cannot be attributed (pid 0,
-        a process already gone) is NOBODY, with the least rights [SPEC §6]."""
+        a process already gone) is NOBODY, with the least rights [SPEC §6]. A
+        process of a uid that is not admitted as the operator is a stranger."""
         if not ctx.pid:
             return NOBODY
         label = self.procs.label_of(ctx.pid)
         if label is not None:
             return label.split("#", 1)[0]
+        if not self.operators.admits(ctx.uid, ctx.gid, ctx.pid):
+            return stranger(ctx.uid)
         try:
             os.kill(ctx.pid, 0)
         except ProcessLookupError:
@@ -186,6 +191,8 @@ class Operations(pyfuse3.Operations):
     def _visible(self, who: str, node: Node, op: str) -> str:
         """The perms of a node the caller may see; Hidden (ENOENT, `denied`) if not."""
         perms = self._perms(who, node)
+        if perms is None and is_stranger(who):
+            raise self._refuse(who, path_of(node), op, "not an operator of this mount")
         if perms is None:
             e = Hidden(f"not in the view of {who}")
             self._error(who, path_of(node), e, op)

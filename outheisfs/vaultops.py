@@ -19,6 +19,7 @@ import pyfuse3
 
 from .dispatcher import USER
 from .errors import Hidden, OutheisError
+from .operators import is_stranger
 from .vault import Store, VaultFile, attrs, domain_of, fail
 from .views import NOBODY, View
 
@@ -53,6 +54,8 @@ class VaultOps:
 
     def see(self, who: str, path: str, op: str) -> str:
         perms = self.perms(who, path)
+        if perms is None and is_stranger(who):
+            raise self.ops._refuse(who, where(path), op, "not an operator of this mount")
         if perms is None:
             e = Hidden(f"not in the view of {who}")
             self.ops._error(who, where(path), e, op)
