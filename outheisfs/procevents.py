@@ -55,6 +55,7 @@ class ProcEvents:
         self._spawning: dict[int, str] = {}  # forking thread id -> label for its children
         self._lock = threading.Lock()  # _spawning is written from worker threads
         self.lost = 0  # times the kernel dropped events (ENOBUFS)
+        self.forged = 0  # messages ignored because a process, not the kernel, sent them
         self._connect()
 
     @property
@@ -101,13 +102,20 @@ class ProcEvents:
         """Take in every event the kernel has queued so far."""
         while self._sock is not None:
             try:
-                data = self._sock.recv(65536)
+                data, (sender, _groups) = self._sock.recvfrom(65536)
             except BlockingIOError:
                 return
             except OSError:  # ENOBUFS: the kernel dropped events
                 self.lost += 1
                 return
-            self._parse(data)
+            if sender == 0:
+                self._parse(data)
+            else:
+                # Any root process may send to this socket or to the connector's
+                # group: a forged exit would unlabel it (making it the operator),
+                # a forged fork would lend it another agent's label. Only the
+                # kernel's port is 0, and no process can send from it.
+                self.forged += 1
 
     def _parse(self, data: bytes) -> None:
         # nlmsghdr (16) + cn_msg (20) + proc_event header (16) + event data
@@ -158,13 +166,19 @@ class ProcEvents:
     def _exit(self, pid: int, tgid: int, code: int) -> None:
         label = self.labels.pop(pid, None)
         if pid != tgid:
-            self._threads.get(tgid, set()).discard(pid)
+            threads = self._threads.get(tgid)
+            if threads is not None:
+                threads.discard(pid)
+                if not threads:
+                    # The last labelled thread: forget the process. Memory is
+                    # bounded by forgetting only the dead, never by forgetting
+                    # a label that a live thread still needs.
+                    del self._threads[tgid]
+                    self._left.pop(tgid, None)
             return  # a thread; the process ends with its leader
         if label is not None and self._threads.get(tgid):
             # The leader thread is gone but others may live on (and one may exec).
             self._left[tgid] = label
-            if len(self._left) > 4096:
-                self._left.clear()
         now = time.monotonic()
         self._recent[tgid] = (code, now)
         ev = self._waiters.pop(tgid, None)

@@ -80,9 +80,7 @@ def test_operators_key_admits_uids_and_groups(open_server: Server) -> None:
     assert r.returncode == 0, r.stderr
     assert '"body":"one"' in r.stdout
     # Another uid, admitted by its supplementary group only.
-    r = as_user(
-        12345, 100, "head", "-n1", str(s.agent("bob", "inbox")), groups=str(NOBODY_UID)
-    )
+    r = as_user(12345, 100, "head", "-n1", str(s.agent("bob", "inbox")), groups=str(NOBODY_UID))
     assert r.returncode == 0, r.stderr
     assert '"body":"two"' in r.stdout
     # A uid in neither is still refused.
@@ -100,4 +98,3 @@ def test_unknown_operator_is_a_config_error(server: Server, entry: str, said: st
     assert r.returncode == 2
     assert "operators" in r.stderr and said in r.stderr
     assert not os.path.ismount(server.mp)
-

@@ -4,6 +4,9 @@ Fed with the events the kernel sends, in the order it sends them (no socket)."""
 
 from __future__ import annotations
 
+import os
+import time
+
 from outheisfs.procevents import ProcEvents
 
 SERVER, AGENT, SHELL = 100, 200, 50
@@ -78,3 +81,59 @@ def test_a_child_of_the_server_that_it_did_not_start_is_no_one() -> None:
         tid = threading.get_native_id()
         p._fork(tid, SERVER, 221, 221)
     assert p.labels.get(221) == "b#0"
+
+
+def test_memory_is_bounded_by_forgetting_only_the_dead() -> None:
+    """Thousands of processes whose leader left before their threads: each is
+    forgotten when its last thread ends, and a live one is never forgotten."""
+    p = fresh()
+    for i in range(10_000):
+        pid, thread = 1000 + 2 * i, 1001 + 2 * i
+        p._fork(AGENT, AGENT, pid, pid)
+        p._fork(AGENT, AGENT, thread, pid)
+        p._exit(pid, pid, 0)  # the leader leaves; its thread lives on
+        p._exit(thread, pid, 0)  # ... and ends
+    assert not p._left and not p._threads
+    # A live one among many dead: it keeps its label for new threads and exec.
+    p._fork(AGENT, AGENT, 500, 500)
+    p._fork(AGENT, AGENT, 501, 500)
+    p._exit(500, 500, 0)
+    for i in range(10_000):
+        pid, thread = 30_000 + 2 * i, 30_001 + 2 * i
+        p._fork(AGENT, AGENT, pid, pid)
+        p._fork(AGENT, AGENT, thread, pid)
+        p._exit(pid, pid, 0)
+        p._exit(thread, pid, 0)
+    p._fork(AGENT, AGENT, 502, 500)  # a new thread of the live one
+    assert p.labels.get(502) == "a#0"
+    p._exec(500, 500)
+    assert p.labels.get(500) == "a#0"
+
+
+def test_only_the_kernel_is_believed() -> None:
+    """A root process can send to the connector socket; what it sends is ignored."""
+    import socket
+    import struct
+
+    p = ProcEvents()
+    if not p.exact:
+        p.close()
+        return  # not root: there is no connector socket to forge to
+    try:
+        me = os.getpid()
+        p.labels[me] = "spy#0"
+        port = p._sock.getsockname()[0]  # type: ignore[union-attr]
+        exit_event = struct.pack("IIQ", 0x80000000, 0, 0) + struct.pack("IIII", me, me, 0, 0)
+        cn = struct.pack("IIIIHH", 1, 1, 0, 0, len(exit_event), 0) + exit_event
+        forged = struct.pack("IHHII", 16 + len(cn), 3, 0, 0, 0) + cn
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 11) as s:
+            s.bind((0, 0))
+            s.sendto(forged, (port, 0))
+        deadline = time.monotonic() + 5
+        while not p.forged and time.monotonic() < deadline:
+            p.drain()
+            time.sleep(0.01)
+        assert p.forged == 1
+        assert p.labels.get(me) == "spy#0"
+    finally:
+        p.close()
