@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from outheisfs.redisref import (
+from outheisfs.bench.redisref import (
     Client,
     Incomplete,
     ProtocolError,

@@ -6,7 +6,7 @@ answers with the same caching (direct I/O, no attribute or name caching), so
 `outheisfs bench` can set every figure beside what pyfuse3 and the kernel cost
 on the same machine in the same minute.
 
-Run: python -m outheisfs.floor MOUNTPOINT   (serves until SIGTERM/SIGINT).
+Run: python -m outheisfs.bench.floor MOUNTPOINT   (serves until SIGTERM/SIGINT).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ to keep the project's dependencies as they are.
 
 The echo agent is a separate Python process, as in outheisfs's own figure:
 
-    python -m outheisfs.redisref SOCKET    (serves until killed)
+    python -m outheisfs.bench.redisref SOCKET    (serves until killed)
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def echo_roundtrips(folder: Path, aof: bool) -> Iterator[Callable[[int], list[fl
 
         r.call("XGROUP", "CREATE", "echo", "agents", "$", "MKSTREAM")
         r.call("XGROUP", "CREATE", "user", "user", "$", "MKSTREAM")
-        agent = subprocess.Popen([sys.executable, "-m", "outheisfs.redisref", sock])
+        agent = subprocess.Popen([sys.executable, "-m", "outheisfs.bench.redisref", sock])
         try:
             once()  # the agent has started when it answers (entries wait for it)
             yield run

@@ -1,12 +1,12 @@
 """`outheisfs bench`: what a message costs, beside the floor [SPEC §9].
 
 Every figure is measured through real mounts served by separate processes:
-outheisfs, and the floor (`floor.py`, a pyfuse3 filesystem whose one file only
+outheisfs, and the floor (`bench/floor.py`, a pyfuse3 filesystem whose one file only
 queues bytes), mounted and driven the same way by this process. Floor and
 outheisfs runs alternate, so a noisy machine slows both alike, and the median
 of the runs is reported with its ratio to the floor's. Where `redis-server` is
 installed, the echo round trip is also taken through Redis Streams on a private
-server (`redisref.py`), in turn with outheisfs's, as a reference.
+server (`bench/redisref.py`), in turn with outheisfs's, as a reference.
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
+from ..models import new_id
 from . import redisref
-from .models import new_id
 
 LINE = b"a benchmark message of forty bytes....\n"
 # The echo agent of the round trip: the example Python agent, in short.
@@ -102,7 +104,7 @@ def _wait_mounted(mp: Path, proc: subprocess.Popen[bytes] | None, timeout: float
 def floor_mount(root: Path) -> Iterator[Mount]:
     mp = root / "floor"
     mp.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "outheisfs.floor", str(mp)])
+    proc = subprocess.Popen([sys.executable, "-m", "outheisfs.bench.floor", str(mp)])
     try:
         _wait_mounted(mp, proc, 30)
         yield Mount(mp, proc.pid)
@@ -492,6 +494,14 @@ def idle_cpu(m: Mount, s: Settings) -> Figure:
     )
 
 
+def _version(dist: str) -> str:
+    """An installed distribution's version (not imported: the bench runs apart)."""
+    try:
+        return dist_version(dist)
+    except PackageNotFoundError:
+        return "?"
+
+
 def machine() -> dict[str, Any]:
     model = ""
     try:
@@ -501,14 +511,12 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import pyfuse3
-
     return {
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "cpu": model,
         "python": platform.python_version(),
-        "pyfuse3": getattr(pyfuse3, "__version__", "?"),
+        "pyfuse3": _version("pyfuse3"),
         "load": os.getloadavg()[0],
         "redis": redisref.version(),  # None: not installed
     }
