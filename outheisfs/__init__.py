@@ -1,34 +1,41 @@
 """outheisfs: cooperating agents as files.
 
-How the package fits together (one concept per module):
+How the package fits together (one concept per module; each uses only the
+modules listed below it, and `bench` stands apart):
 
     cli         the `outheisfs` command: mount, umount, run, replay, bench
-    mount       the server's life: checks, replay, mount, serve, shutdown
-    ops         the pyfuse3 Operations: requests in, dispatcher calls out
-    tree        the file tree as one table of rows, and inode numbering
-    views       who sees what: an agent's view of the tree (unveil)
-    vault       the vault's backing folder, reached without following symlinks
-    vaultops    requests on the vault, with owners and views
-    ctl         ctl commands and status text
-    dispatcher  agents, queues, in-flight messages: a state machine fed by events
-    inbox       one agent's queue: priority classes with aging
+    mount       the server's life: checks, replay, mount, serve, clean stop
+    run         `outheisfs run`: a command bound to an agent
+    ops         the pyfuse3 adapter: one documented handler per FUSE request
+    vaultops    the vault's requests, with owners and views (the vault's adapter)
+    openfile    an open agent file: reads, writes, parked requests, close grace
+    ctl         ctl commands (parsed, checked, carried out) and status text
+    supervisor  agent processes started, watched, restarted (OTP policies)
+    access      who a caller is, what it may see, refusals and `denied` events
+    procevents  forks and exits from the kernel: which agent a process is
+    parking     requests that wait, and the signals that end them
+    dispatcher  agents, queues, in-flight messages: a pure state machine of events
     eventlog    the append-only event log, the single source of truth
+    events      the event vocabulary: one constructor per event type
+    inbox       one agent's queue: priority classes with aging
+    procstate   what each agent's processes are doing (state, pids, restarts)
+    vault       the vault's backing folder, reached without following symlinks
+    views       who sees what: an agent's view of the tree (unveil)
+    tree        the file tree as one table of rows (rights, content), inodes
     models      messages and envelopes, ids, timestamps
     lines       cutting writes into lines
     config      the TOML configuration, checked with pydantic
-    parking     requests that wait, and the signals that end them
-    procinfo    what /proc says about a process (state, exit, parent)
-    procevents  forks and exits from the kernel: which agent a process is
+    operators   who acts as the operator: the mounting user, root, `operators`
     confine     the seccomp filter agent processes run under
-    supervisor  agent processes started, watched, restarted (OTP policies)
-    run         `outheisfs run`: a command bound to an agent
-    floor       the minimal pyfuse3 filesystem the benchmark compares with
-    bench       `outheisfs bench`
-    redisref    the bench's reference: the echo round trip through Redis Streams
+    procinfo    what /proc says about a process; exit statuses in words
+    names       the names every module agrees on (operator, nobody, pid xattr)
     errors      domain errors and their errno
+    bench       `outheisfs bench`, with `bench.floor` (the minimal pyfuse3
+                filesystem it compares with) and `bench.redisref` (the
+                reference round trip through Redis Streams)
 
-Only `ops`, `vault`, `vaultops`, `mount` and `floor` import pyfuse3; the
-rest is tested without FUSE.
+Only `ops`, `vaultops`, `mount` and `bench.floor` import pyfuse3; the dispatcher
+reaches neither trio nor pyfuse3. docs/design.md has the map with the reasons.
 """
 
 __version__ = "0.1.0"

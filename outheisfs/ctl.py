@@ -1,13 +1,26 @@
-"""ctl files: the commands they take and the status they show [SPEC §4.5]."""
+"""ctl files: the commands they take, how they are carried out, and the status
+they show [SPEC §4.5].
+
+A write of several commands is all or nothing: every command is checked before
+the first is carried out. The supervisor's commands go through its public
+methods; `bind` labels the writing process as the agent.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import events
 from .config import PRIORITIES
 from .dispatcher import Agent, Dispatcher
-from .errors import BadInput
+from .errors import BadInput, NotPermitted
 from .models import is_id
+from .names import OPERATOR
+from .procevents import ProcEvents
+from .procstate import Processes, ProcState
+from .supervisor import Supervisor
+from .views import View
 
 # command -> (min args, max args, usage)
 COMMANDS: dict[str, tuple[int, int, str]] = {
@@ -21,7 +34,7 @@ COMMANDS: dict[str, tuple[int, int, str]] = {
     "bind": (0, 0, "bind"),
 }
 SUPERVISOR = {"start", "stop", "restart", "kill"}
-OPERATOR = SUPERVISOR | {"priority", "bind"}  # commands only the operator may give
+OPERATOR_ONLY = SUPERVISOR | {"priority", "bind"}  # commands only the operator may give
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,23 +70,22 @@ def parse(line: str) -> Command:
     return Command(name, args)
 
 
-def pids(agent: Agent) -> str:
+def pids(proc: ProcState) -> str:
     """Supervised processes, or else the processes bound by `outheisfs run`."""
-    live = agent.pids or sorted(agent.bound)
-    return ",".join(map(str, live)) or "-"
+    return ",".join(map(str, proc.live_pids())) or "-"
 
 
-def agent_status(agent: Agent) -> str:
+def agent_status(agent: Agent, proc: ProcState) -> str:
     ac = agent.config
     send = ",".join(ac.send) if ac and ac.send else "-"
     unveil = ",".join(f"{p}:{m}" for p, m in sorted(agent.grants.items())) or "-"
     rows = [
         ("name", agent.name),
-        ("state", agent.state),
-        ("pid", pids(agent)),
+        ("state", proc.state),
+        ("pid", pids(proc)),
         ("priority", agent.priority),
         ("restart", ac.restart if ac else "-"),
-        ("restarts", str(agent.restarts)),
+        ("restarts", str(proc.restarts)),
         ("queued", str(agent.queued)),
         ("inflight", str(len(agent.inflight))),
         ("delivered", str(agent.delivered)),
@@ -92,8 +104,105 @@ def agent_status(agent: Agent) -> str:
     return "".join(f"{k} {v}\n" for k, v in rows)
 
 
-def root_status(d: Dispatcher) -> str:
+def root_status(d: Dispatcher, table: Processes) -> str:
     """One line per agent: NAME STATE PID PRIORITY QUEUED."""
-    return "".join(
-        f"{a.name} {a.state} {pids(a)} {a.priority} {a.queued}\n" for a in d.agents.values()
-    )
+    out = []
+    for a in d.agents.values():
+        p = table.of(a.name)
+        out.append(f"{a.name} {p.state} {pids(p)} {a.priority} {a.queued}\n")
+    return "".join(out)
+
+
+# -- carrying commands out --------------------------------------------------------------
+
+
+class Commands:
+    """Runs the commands written to `agents/NAME/ctl`, and shows the status."""
+
+    def __init__(self, d: Dispatcher, procs: ProcEvents, table: Processes) -> None:
+        self.d = d
+        self.procs = procs
+        self.table = table
+        self.supervisor: Supervisor | None = None  # set once the mount runs one
+
+    def status(self, name: str | None) -> bytes:
+        """What a ctl file reads as now (the root's if `name` is None). An agent
+        bound by `run` shows the processes that act as it: the bound one and its
+        descendants, while they run."""
+        names = [name] if name else list(self.d.agents)
+        for n in names:
+            p = self.table.of(n)
+            if p.bound:
+                p.bound = self.procs.members({n})
+        if name:
+            return agent_status(self.d.agents[name], self.table.of(name)).encode()
+        return root_status(self.d, self.table).encode()
+
+    async def run(
+        self,
+        who: str,
+        name: str,
+        lines: list[bytes],
+        writer: Callable[[], int],
+        drop_held: Callable[[str, str | None], None],
+    ) -> None:
+        """Carry out `lines` written by `who` to NAME's ctl. `writer()` gives the
+        writing process (for `bind`); `drop_held(name, id)` lets the open files
+        that hold an acknowledged message forget it (id None: all of NAME's)."""
+        try:
+            commands = [parse(line.decode()) for line in lines if line.strip()]
+        except UnicodeDecodeError:
+            raise BadInput("command is not UTF-8 text") from None
+        for cmd in commands:  # all or nothing: every command is checked first
+            self.check(who, name, cmd)
+        for cmd in commands:
+            await self._execute(who, name, cmd, writer, drop_held)
+
+    def check(self, who: str, name: str, cmd: Command) -> None:
+        if cmd.name in OPERATOR_ONLY and who != OPERATOR:
+            raise NotPermitted(f"{cmd.name}: only the operator may do this")
+        if cmd.name in SUPERVISOR:
+            if self.supervisor is None or not self.supervisor.supervises(name):
+                raise BadInput(f"agent {name!r} has no command to supervise")
+        elif cmd.name == "bind" and name == OPERATOR:
+            raise BadInput("bind: 'user' is the operator, not an agent to run as")
+        elif cmd.name == "unveil" and name == OPERATOR:
+            raise BadInput("unveil: 'user' is the operator, who sees the whole tree")
+        elif cmd.name == "unveil":
+            if who == name:
+                try:
+                    View(name, self.d.agents[name].grants).narrowed(*cmd.args)
+                except ValueError as e:
+                    raise NotPermitted(f"unveil: {e}") from None
+            elif who != OPERATOR:
+                raise NotPermitted("unveil: only the agent itself (to narrow) and the operator")
+        elif cmd.name == "ack":
+            if who not in (name, OPERATOR):
+                raise NotPermitted(f"only {name} and the operator acknowledge its messages")
+            if cmd.args and cmd.args[0] not in self.d.agents[name].inflight:
+                raise BadInput(f"ack: {cmd.args[0]} is not in flight for {name}")
+
+    async def _execute(
+        self,
+        who: str,
+        name: str,
+        cmd: Command,
+        writer: Callable[[], int],
+        drop_held: Callable[[str, str | None], None],
+    ) -> None:
+        if cmd.name == "bind":
+            pid = writer()
+            self.d.record([events.ctl(name, who, f"bind {pid}")])
+            self.procs.label(pid, name)
+            self.table.of(name).bound.add(pid)
+            return
+        self.d.record([events.ctl(name, who, str(cmd))])
+        if cmd.name in SUPERVISOR:
+            assert self.supervisor is not None  # checked
+            await getattr(self.supervisor, cmd.name)(name)
+        elif cmd.name == "ack":
+            one = cmd.args[0] if cmd.args else None
+            if one is not None and one not in self.d.agents[name].inflight:
+                return  # acknowledged by an earlier command of the same write
+            drop_held(name, one)
+            self.d.ack_all(name, who, one)

@@ -2,29 +2,35 @@
 
 Every change is first written to the event log and then applied by `apply`, the
 same function that rebuilds the state at start-up: the live state is, by
-construction, what a replay of the log gives [SPEC §5]. The dispatcher routes
-and never rewrites a body. It does not know about FUSE or processes; the callers
-(`ops`) decide who is asking and wait where waiting is needed.
+construction, what a replay of the log gives [SPEC §5]. The same events applied
+on any machine give the same state, so the dispatcher holds nothing else: no
+waiting (trio), no FUSE, no processes. Who is asking and where to wait is its
+callers' business (`openfile`); they learn of each applied event through
+`listeners` (to wake a reader parked on an inbox, for one). Process state
+(running, pids, restarts) is the supervisor's. The dispatcher routes and never
+rewrites a body.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
-import trio
-
+from . import events
 from .config import AgentConfig, Config, valid_name
 from .errors import BadInput, Busy, Exists, NotEmpty, NotFound, TooBig
-from .eventlog import Event, EventLog
+from .events import Event
 from .inbox import Inbox
 from .models import INFLIGHT, Draft, Message, new_id, parse_ts
+from .names import OPERATOR
 from .views import View, config_grants, normalize
 
-USER = "user"
+if TYPE_CHECKING:  # only its type: the log and its trio-based waiting stay apart
+    from .eventlog import EventLog
+
 log = logging.getLogger(__name__)
 
 
@@ -37,28 +43,12 @@ class Agent:
     inflight: dict[str, Message] = field(default_factory=dict)
     delivered: int = 0
     dead: int = 0
-    restarts: int = 0
-    state: str = "external"
     origin: str = "config"  # config | mkdir | message (created by a message to it)
-    pids: list[int] = field(default_factory=list)  # supervised processes
-    bound: set[int] = field(default_factory=set)  # processes bound by `outheisfs run`
     grants: dict[str, str] = field(default_factory=dict)  # its view [SPEC §6], see views.py
-    # Woken when a message arrives / when room frees up.
-    arrived: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
-    room: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
-    pollers: set[Any] = field(default_factory=set)  # pyfuse3 PollHandles to notify
 
     @property
     def queued(self) -> int:
         return len(self.inbox)
-
-    def wake_readers(self) -> None:
-        if self.arrived:  # most writes find no reader waiting
-            self.arrived.unpark_all()
-        if self.pollers:
-            for handle in self.pollers:
-                handle.notify()
-            self.pollers.clear()
 
 
 class Dispatcher:
@@ -68,7 +58,9 @@ class Dispatcher:
         self.agents: dict[str, Agent] = {}
         self.messages: dict[str, Message] = {}  # pending: queued or in flight
         self.seq = 0
-        self._add(USER, None, "builtin")
+        # Told of every event applied live (not in replay), after it is applied.
+        self.listeners: list[Callable[[Event], None]] = []
+        self._add(OPERATOR, None, "builtin")
         self.install_config()
 
     def install_config(self) -> None:
@@ -79,7 +71,6 @@ class Dispatcher:
             agent.config = ac
             agent.origin = "config"
             agent.priority = ac.priority
-            agent.state = "stopped" if ac.command else "external"
             agent.grants = config_grants(self.config, name)
 
     def _add(self, name: str, ac: AgentConfig | None, origin: str) -> Agent:
@@ -88,7 +79,6 @@ class Dispatcher:
             config=ac,
             priority=ac.priority if ac else "normal",
             inbox=Inbox(self.config.aging),
-            state="stopped" if ac and ac.command else "external",
             origin=origin,
             grants=config_grants(self.config, name),
         )
@@ -134,18 +124,15 @@ class Dispatcher:
         elif kind == "ack":
             msg = self.messages.pop(ev["id"])
             del self.agents[msg.to].inflight[msg.id]
-            msg.holder = None
         elif kind == "redeliver":
             msg = self.messages[ev["id"]]
             agent = self.agents[msg.to]
             del agent.inflight[msg.id]
-            msg.holder = None
             agent.inbox.push(msg)
         elif kind == "dead":
             msg = self.messages.pop(ev["id"])
             agent = self.agents[msg.to]
             agent.inflight.pop(msg.id, None)
-            msg.holder = None
             agent.dead += 1
         elif kind == "agent":
             if ev["op"] == "create":
@@ -196,12 +183,14 @@ class Dispatcher:
         grants[path] = perms
         return grants
 
-    def record(self, events: Iterable[Event]) -> list[Event]:
+    def record(self, batch: Iterable[Event]) -> list[Event]:
         """Log events, then apply them. Raises OSError if the log refuses."""
         assert self.log is not None
-        out = self.log.append(events)
+        out = self.log.append(batch)
         for ev in out:
             self.apply(ev)
+            for listener in self.listeners:
+                listener(ev)
         return out
 
     def note(self, ev: Event) -> None:
@@ -227,7 +216,7 @@ class Dispatcher:
         without `to` is a reply to the message the sender holds in flight (of
         several, the one in `held`: the writing process's own).
         """
-        events: list[Event] = []
+        out: list[Event] = []
         src = self.agent(sender)
         for d in drafts:
             reply_to = d.reply_to
@@ -241,24 +230,15 @@ class Dispatcher:
             for to in targets:
                 if to not in self.agents:
                     raise NotFound(f"no agent {to!r}")
-                ev: Event = {
-                    "type": "message",
-                    "id": new_id(),
-                    "from": sender,
-                    "to": to,
-                    "priority": d.priority or src.priority,
-                    "body": d.body,
-                    "reply_to": reply_to,
-                    "attempt": 1,
-                }
-                events.append(ev)
+                priority = d.priority or src.priority
+                out.append(events.message(new_id(), sender, to, priority, d.body, reply_to))
         counts: dict[str, int] = {}
-        for ev in events:
+        for ev in out:
             counts[ev["to"]] = counts.get(ev["to"], 0) + 1
         for to, n in counts.items():
             if n > self.config.max_queue:
                 raise TooBig(f"{n} messages for {to!r} exceed its queue limit")
-        return events
+        return out
 
     def _held(self, agent: Agent, reply_to: str | None, held: tuple[str, ...]) -> Message:
         if reply_to is not None:
@@ -276,10 +256,10 @@ class Dispatcher:
             )
         return next(iter(agent.inflight.values()))
 
-    def full(self, events: list[Event]) -> Agent | None:
-        """The first recipient without room for its share of `events`, if any."""
+    def full(self, planned: list[Event]) -> Agent | None:
+        """The first recipient without room for its share of `planned`, if any."""
         counts: dict[str, int] = {}
-        for ev in events:
+        for ev in planned:
             counts[ev["to"]] = counts.get(ev["to"], 0) + 1
         for to, n in counts.items():
             agent = self.agents[to]
@@ -287,29 +267,24 @@ class Dispatcher:
                 return agent
         return None
 
-    def deliver(self, events: list[Event]) -> None:
-        """Log message events (room already checked) and wake their readers."""
-        self.record(events)
-        for name in {ev["to"] for ev in events}:
-            self.agents[name].wake_readers()
+    def deliver(self, messages: list[Event]) -> None:
+        """Log message events (room already checked)."""
+        self.record(messages)
 
-    def take(self, name: str, holder: Any) -> Message | None:
-        """Hand the next message of NAME's inbox to `holder`, or None if empty."""
+    def take(self, name: str) -> Message | None:
+        """Put the next message of NAME's inbox in flight and return it, or None
+        if the inbox is empty. Which one is next depends on the time (aging):
+        the `deliver` event names it, so a replay takes the same one."""
         agent = self.agents[name]
         msg = agent.inbox.peek(time.time())
         if msg is None:
             return None
-        self.record(
-            [{"type": "deliver", "agent": name, "id": msg.id, "attempt": msg.delivered + 1}]
-        )
-        msg.holder = holder
-        if agent.room:
-            agent.room.unpark_all()
+        self.record([events.deliver(name, msg.id, msg.delivered + 1)])
         return msg
 
     def ack(self, msg: Message, who: str) -> None:
         if self.messages.get(msg.id) is msg and msg.state == INFLIGHT:
-            self.record([{"type": "ack", "agent": msg.to, "id": msg.id, "who": who}])
+            self.record([events.ack(msg.to, msg.id, who)])
 
     def ack_all(self, name: str, who: str, msg_id: str | None = None) -> int:
         agent = self.agent(name)
@@ -319,39 +294,17 @@ class Dispatcher:
             ids = [msg_id]
         else:
             ids = list(agent.inflight)
-        self.record({"type": "ack", "agent": name, "id": i, "who": who} for i in ids)
+        self.record(events.ack(name, i, who) for i in ids)
         return len(ids)
 
     def retry(self, msg: Message, reason: str) -> None:
         """The holder of `msg` died abnormally: queue it again, or bury it."""
         if self.messages.get(msg.id) is not msg or msg.state != INFLIGHT:
             return
-        agent = self.agents[msg.to]
         if msg.delivered >= self.config.max_attempts:
-            self.record(
-                [
-                    {
-                        "type": "dead",
-                        "agent": msg.to,
-                        "id": msg.id,
-                        "attempts": msg.delivered,
-                        "reason": reason,
-                    }
-                ]
-            )
+            self.record([events.dead(msg.to, msg.id, msg.delivered, reason)])
         else:
-            self.record(
-                [
-                    {
-                        "type": "redeliver",
-                        "agent": msg.to,
-                        "id": msg.id,
-                        "attempt": msg.delivered + 1,
-                        "reason": reason,
-                    }
-                ]
-            )
-            agent.wake_readers()
+            self.record([events.redeliver(msg.to, msg.id, msg.delivered + 1, reason)])
 
     def requeue_inflight(self) -> None:
         """After replay: what was in flight when the server stopped is delivered again."""
@@ -364,17 +317,15 @@ class Dispatcher:
             raise BadInput(f"agent name {name!r} must match [a-z0-9][a-z0-9_.-]{{0,63}}")
         if name in self.agents:
             raise Exists(f"agent {name!r} exists")
-        self.record([{"type": "agent", "op": "create", "agent": name, "who": who}])
+        self.record([events.agent("create", name, who)])
         return self.agents[name]
 
     def rmdir(self, name: str, who: str) -> None:
         agent = self.agent(name)
-        if name == USER:
+        if name == OPERATOR:
             raise Busy("the operator's mailbox 'user' cannot be removed")
-        if agent.pids:
-            raise Busy(f"agent {name!r} has running processes")
         if agent.queued or agent.inflight:
             raise NotEmpty(
                 f"agent {name!r} has {agent.queued + len(agent.inflight)} pending messages"
             )
-        self.record([{"type": "agent", "op": "remove", "agent": name, "who": who}])
+        self.record([events.agent("remove", name, who)])

@@ -33,12 +33,13 @@ from typing import Any
 import trio
 
 from .errors import LogDamaged
+from .events import Event
 from .models import dumps, json_value, now
+from .names import NOBODY, SERVER
 
 log = logging.getLogger(__name__)
 
-Event = dict[str, Any]
-NOT_AGENTS = {"server", "-"}  # who may be the server itself, or a caller attributed to no one
+NOT_AGENTS = {SERVER, NOBODY}  # who may be the server itself, or a caller attributed to no one
 STREAM_BUFFER = 256 << 10  # bytes of stream lines held before they are written
 MAIN = "events.jsonl"
 COMPLETE = ".complete"  # in streams/: the seq all streams hold, and their sizes then

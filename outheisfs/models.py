@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from json.encoder import encode_basestring
 from typing import Any
@@ -132,7 +132,6 @@ class Message:
     delivered: int = 0  # deliveries so far; the next one is attempt delivered + 1
     state: int = QUEUED
     gen: int = 0  # bumped on every enqueue, so stale heap entries are recognised
-    holder: Any = field(default=None)  # the open file that holds it in flight
 
     def line(self) -> bytes:
         """The line a reader gets [SPEC §4.1]."""

@@ -22,13 +22,15 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import procinfo
+from . import events, procinfo
 from .config import Config
 from .dispatcher import Dispatcher
 from .errors import LogDamaged
 from .eventlog import EventLog
-from .ops import XATTR_PID, Operations
+from .names import XATTR_PID
+from .ops import Operations
 from .procevents import ProcEvents
+from .procstate import Processes
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -135,22 +137,10 @@ def recover(
     d.install_config()
     if report.torn:
         offset, size = report.torn
-        d.note(
-            {
-                "type": "error",
-                "who": "server",
-                "where": "/log",
-                "errno": "EIO",
-                "why": f"torn last record cut off at byte {offset} ({size} bytes)",
-            }
-        )
-    mount_event = {
-        "type": "mount",
-        "mountpoint": str(mountpoint),
-        "pid": os.getpid(),
-        "durability": durability,
-        "agents": {n: a.priority for n, a in config.agents.items()},
-    }
+        why = f"torn last record cut off at byte {offset} ({size} bytes)"
+        d.note(events.error("/log", errno.EIO, why))
+    agents = {n: a.priority for n, a in config.agents.items()}
+    mount_event = events.mount(str(mountpoint), os.getpid(), durability, agents)
     try:
         d.record([mount_event])
         d.requeue_inflight()
@@ -168,11 +158,12 @@ async def serve(opts: Options, ready: Ready) -> None:
     procinfo.raise_nofile()
     d, elog = recover(opts.config, opts.state, opts.durability, opts.mountpoint)
     procs = ProcEvents()
-    ops = Operations(d, elog, procs)
+    table = Processes(opts.config)
+    ops = Operations(d, elog, procs, table)
     supervisor = Supervisor(
-        d, procs, opts.mountpoint, opts.state, opts.config.home, opts.config.stop_grace
+        d, procs, opts.mountpoint, opts.state, opts.config.home, opts.config.stop_grace, table
     )
-    ops.supervisor = supervisor
+    ops.commands.supervisor = supervisor
     options = {"fsname=outheisfs", "subtype=outheisfs", "noatime"}
     if os.geteuid() == 0:
         options.add("allow_other")
@@ -183,14 +174,14 @@ async def serve(opts: Options, ready: Ready) -> None:
         raise MountError(f"cannot mount {opts.mountpoint}: {e}") from None
     try:
         async with trio.open_nursery() as nursery:
-            ops.nursery = nursery
+            ops.files.nursery = nursery
 
             async def fuse_main() -> None:
                 await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()  # unmounted from outside
 
             nursery.start_soon(fuse_main)
-            nursery.start_soon(ops.parking.run)
+            nursery.start_soon(ops.files.parking.run)
             await nursery.start(procs.run)
             await trio.to_thread.run_sync(os.stat, opts.mountpoint / "ctl")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -203,8 +194,8 @@ async def serve(opts: Options, ready: Ready) -> None:
             await supervisor.shutdown()
             nursery.cancel_scope.cancel()
     finally:
-        ops.settle_all()
-        d.note({"type": "umount", "mountpoint": str(opts.mountpoint)})
+        ops.files.settle_all()
+        d.note(events.umount(str(opts.mountpoint)))
         elog.close()
         pyfuse3.close(unmount=True)
         os.ftruncate(lock_fd, 0)  # no pid left behind for someone to signal later

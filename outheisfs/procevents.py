@@ -30,6 +30,7 @@ from contextlib import contextmanager
 import trio
 
 from . import procinfo
+from .names import UNKNOWN
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
@@ -37,7 +38,6 @@ PROC_CN_MCAST_LISTEN = 1
 PROC_EVENT_FORK = 0x00000001
 PROC_EVENT_EXEC = 0x00000002
 PROC_EVENT_EXIT = 0x80000000
-UNKNOWN = "-"  # the label of a process known to be some agent's, but not whose
 KEEP = 5.0  # seconds an exit is remembered, for watchers that ask late
 RCVBUF = 64 << 20
 SO_RCVBUFFORCE = 33  # not in the socket module
@@ -260,21 +260,29 @@ class ProcEvents:
 
     # -- exits ------------------------------------------------------------------------
 
+    def exited(self, pid: int, start: int) -> int | None:
+        """Exit status of process `pid` (started at `start`) if it has ended
+        (0 if it is gone without a known status); None if it still runs."""
+        self.drain()
+        hit = self._recent.get(pid)
+        if hit is not None and time.monotonic() - hit[1] < KEEP:
+            return hit[0]
+        st = procinfo.stat(pid)
+        if st is None or st.start != start:
+            self.drain()
+            return self._recent.get(pid, (0, 0.0))[0]
+        if st.state in ("Z", "X"):
+            return st.exit_code
+        return None
+
     async def wait(self, pid: int, start: int, timeout: float) -> int | None:
         """Exit status of process `pid` (started at `start`) if it ends within
         `timeout` (or ended lately); None if it is still running then."""
         deadline = trio.current_time() + timeout
         while True:
-            self.drain()
-            hit = self._recent.get(pid)
-            if hit is not None and time.monotonic() - hit[1] < KEEP:
-                return hit[0]
-            st = procinfo.stat(pid)
-            if st is None or st.start != start:
-                self.drain()
-                return self._recent.get(pid, (0, 0.0))[0]
-            if st.state in ("Z", "X"):
-                return st.exit_code
+            code = self.exited(pid, start)
+            if code is not None:
+                return code
             remaining = deadline - trio.current_time()
             if remaining <= 0:
                 return None

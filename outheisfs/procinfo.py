@@ -88,6 +88,20 @@ def killed_by_signal(exit_code: int) -> bool:
     return (exit_code & 0x7F) != 0
 
 
+def describe(exit_code: int) -> dict[str, int]:
+    """An exit status as the log shows it: {"signal": N} or {"code": N}."""
+    if exit_code & 0x7F:
+        return {"signal": exit_code & 0x7F}
+    return {"code": exit_code >> 8}
+
+
+def explain(exit_code: int) -> str:
+    """An exit status in words, for a `reason`."""
+    if exit_code & 0x7F:
+        return f"killed by signal {exit_code & 0x7F}"
+    return f"exited with status {exit_code >> 8}"
+
+
 def raise_nofile() -> None:
     """Allow as many open files as the hard limit (two stream files per agent)."""
     import resource
@@ -97,4 +111,13 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-__all__ = ["Stat", "abnormal", "killed_by_signal", "os", "stat", "tgid", "writers_of"]
+__all__ = [
+    "Stat",
+    "abnormal",
+    "describe",
+    "explain",
+    "killed_by_signal",
+    "stat",
+    "tgid",
+    "writers_of",
+]

@@ -34,11 +34,14 @@ from typing import TypeVar
 
 import trio
 
+from . import events
 from .config import AgentConfig
 from .confine import installer
-from .dispatcher import Agent, Dispatcher
+from .dispatcher import Dispatcher
 from .errors import BadInput
 from .procevents import ProcEvents
+from .procinfo import abnormal
+from .procstate import Processes, ProcState
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
@@ -49,10 +52,6 @@ T = TypeVar("T")
 
 
 # -- the rules, apart from processes (tested with MockClock) ---------------------------
-
-
-def abnormal(status: int) -> bool:
-    return status != 0
 
 
 def should_restart(policy: str, status: int) -> bool:
@@ -97,12 +96,6 @@ def backoff(restarts_in_window: int) -> float:
     return float(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(n - 1, 32)))
 
 
-def describe(status: int) -> dict[str, int]:
-    if status & 0x7F:
-        return {"signal": status & 0x7F}
-    return {"code": status >> 8}
-
-
 def become_subreaper() -> None:
     """Orphans of our agents are re-parented to us, not to init."""
     try:
@@ -127,16 +120,13 @@ class Instance:
 class Runner:
     """One supervised agent."""
 
-    agent: Agent
+    name: str
+    proc: ProcState  # what it shows in its ctl file
     config: AgentConfig
     intensity: Intensity
     instances: dict[int, Instance] = field(default_factory=dict)
     wanted: bool = True  # the operator wants it running
     pending: int = 0  # restarts waiting out their backoff
-
-    @property
-    def name(self) -> str:
-        return self.agent.name
 
 
 class Spawner:
@@ -199,8 +189,10 @@ class Supervisor:
         state: Path,
         home: Path,
         grace: float,
+        table: Processes | None = None,
     ) -> None:
         self.d = dispatcher
+        self.table = table or Processes(dispatcher.config)
         self.procs = procs
         self.mountpoint = mountpoint
         self.output = state / "output"
@@ -215,9 +207,8 @@ class Supervisor:
         self._spawner = Spawner()
         for name, ac in dispatcher.config.agents.items():
             if ac.command:
-                agent = dispatcher.agents[name]
                 self.runners[name] = Runner(
-                    agent, ac, Intensity(ac.max_restarts, ac.restart_window)
+                    name, self.table.of(name), ac, Intensity(ac.max_restarts, ac.restart_window)
                 )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -310,14 +301,9 @@ class Supervisor:
             popen = await self._spawner.run(spawn)
         except OSError as e:
             out.close()
+            code = errno.errorcode.get(e.errno or 0, "ENOEXEC")
             self.d.note(
-                {
-                    "type": "error",
-                    "who": "server",
-                    "where": f"/agents/{name}",
-                    "errno": errno.errorcode.get(e.errno or 0, "ENOEXEC"),
-                    "why": f"cannot start {cmd[0]!r}: {e.strerror}",
-                }
+                events.error(f"/agents/{name}", code, f"cannot start {cmd[0]!r}: {e.strerror}")
             )
             del runner.instances[index]
             self._update(runner)
@@ -327,12 +313,12 @@ class Supervisor:
         out.close()
         inst.popen, inst.pid = popen, popen.pid
         self.procs.label(popen.pid, inst.label, since)
-        if runner.agent.priority == "background":
+        if self.d.agents[name].priority == "background":
             try:
                 os.setpriority(os.PRIO_PROCESS, popen.pid, NICE_BACKGROUND)
             except OSError:
                 pass
-        self.d.note({"type": "start", "agent": name, "pid": popen.pid, "instance": index})
+        self.d.note(events.start(name, popen.pid, index))
         early = self._early.pop(popen.pid, None)
         self._by_pid[popen.pid] = (runner, inst)
         self._update(runner)
@@ -342,7 +328,7 @@ class Supervisor:
             self._nursery.start_soon(self._exited, runner, inst, early)
 
     def _update(self, runner: Runner) -> None:
-        agent = runner.agent
+        agent = runner.proc
         agent.pids = sorted(i.pid for i in runner.instances.values() if i.pid)
         if agent.pids:
             agent.state = "running"
@@ -362,15 +348,7 @@ class Supervisor:
         if runner.instances.get(inst.index) is inst:
             del runner.instances[inst.index]
         if inst.pid:
-            self.d.note(
-                {
-                    "type": "exit",
-                    "agent": name,
-                    "pid": inst.pid,
-                    "instance": inst.index,
-                    **describe(status),
-                }
-            )
+            self.d.note(events.exit(name, inst.pid, inst.index, status))
         likely = runner.wanted and should_restart(runner.config.restart, status)
         runner.pending += likely  # "starting" while the old tree ends, not "stopped"
         self._update(runner)
@@ -387,31 +365,18 @@ class Supervisor:
         now = trio.current_time()
         if not runner.intensity.allow(now):
             runner.wanted = False
-            runner.agent.state = "failed"
+            runner.proc.state = "failed"
+            cfg = runner.config
             self.d.note(
-                {
-                    "type": "failed",
-                    "agent": name,
-                    "restarts": runner.agent.restarts,
-                    "max_restarts": runner.config.max_restarts,
-                    "window": runner.config.restart_window,
-                }
+                events.failed(name, runner.proc.restarts, cfg.max_restarts, cfg.restart_window)
             )
             await self._stop_instances(runner)
-            runner.agent.state = "failed"
+            runner.proc.state = "failed"
             self._update(runner)
             return
         delay = backoff(runner.intensity.recent(now))
-        runner.agent.restarts += 1
-        self.d.note(
-            {
-                "type": "restart",
-                "agent": name,
-                "instance": inst.index,
-                "delay": delay,
-                "restarts": runner.agent.restarts,
-            }
-        )
+        runner.proc.restarts += 1
+        self.d.note(events.restart(name, inst.index, delay, runner.proc.restarts))
         runner.pending += 1
         self._update(runner)
         try:
@@ -452,6 +417,10 @@ class Supervisor:
 
     # -- operator commands ------------------------------------------------------------
 
+    def supervises(self, name: str) -> bool:
+        """Whether `name` has a command: start, stop, restart and kill apply."""
+        return name in self.runners
+
     def _runner(self, name: str) -> Runner:
         runner = self.runners.get(name)
         if runner is None:
@@ -461,15 +430,15 @@ class Supervisor:
     async def start(self, name: str) -> None:
         runner = self._runner(name)
         runner.intensity.reset()
-        if runner.agent.state == "failed":
-            runner.agent.state = "stopped"
+        if runner.proc.state == "failed":
+            runner.proc.state = "stopped"
         await self._start_all(runner)
 
     async def stop(self, name: str) -> None:
         runner = self._runner(name)
         runner.wanted = False
         await self._stop_instances(runner)
-        runner.agent.state = "stopped"
+        runner.proc.state = "stopped"
         self._update(runner)
 
     async def restart(self, name: str) -> None:

@@ -1,9 +1,13 @@
-"""The file tree, declared as one table [SPEC §4].
+"""The file tree, declared as one table, as Plan 9's `dirtab` declares a server's.
 
-Every node is a row: its name, its kind and its mode. The root's rows and each
-agent's rows are fixed; agents come and go, and each gets a block of inode
-numbers that is never reused within a mount, so the kernel never confuses an
-old agent's files with a new one's.
+Every node is a row: its name, its kind, its mode, what it can ever allow to an
+agent (its own file, another agent's), and its content: how a read and a write
+on it are served. The root's rows and each agent's rows are fixed; agents come
+and go, and each gets a block of inode numbers that is never reused within a
+mount, so the kernel never confuses an old agent's files with a new one's.
+
+Adding a file to every agent's folder is one row in AGENT_ROWS; a new kind of
+content is one more `Read`/`Write` member and its function in `openfile`.
 """
 
 from __future__ import annotations
@@ -28,15 +32,46 @@ class Kind(Enum):
     LOG = "log"
 
 
+class Read(Enum):
+    """What a read of the file gives."""
+
+    NONE = "none"  # a folder
+    QUEUE = "queue"  # the next message of the agent's inbox, one per read
+    STREAM = "stream"  # a growing stream of the event log, at the file offset
+    STATUS = "status"  # a status text, as of open
+
+
+class Write(Enum):
+    """What a write to the file does."""
+
+    NONE = "none"
+    SEND = "send"  # lines are messages, sent through the file
+    COMMAND = "command"  # lines are ctl commands
+
+
 @dataclass(frozen=True, slots=True)
 class Row:
     name: str
     kind: Kind
     mode: int  # permission bits; S_IFDIR or S_IFREG is added from `is_dir`
+    own: str = ""  # what an agent may ever do with its own file of this row
+    other: str = ""  # ... with another agent's (or the root's) file of this row
+    read: Read = Read.NONE
+    write: Write = Write.NONE
+    stream: str | None = None  # Read.STREAM: "{agent}.log", or None for the main log
     is_dir: bool = False
     # Open files of this kind bypass the page cache: their content changes
     # behind the kernel's back (growing logs, status) or is a stream (inbox).
     direct_io: bool = True
+
+    @property
+    def growing(self) -> bool:
+        """Its size grows with the log (and so does its mtime)."""
+        return self.read is Read.STREAM
+
+    def stream_of(self, agent: str | None) -> str | None:
+        """The event-log stream this row reads, for `agent`'s file."""
+        return None if self.stream is None else self.stream.format(agent=agent)
 
     @property
     def readable(self) -> bool:
@@ -53,8 +88,9 @@ class Row:
 
 ROOT = Row("", Kind.ROOT, 0o755, is_dir=True)
 ROOT_ROWS = (
-    Row("ctl", Kind.ROOT_CTL, 0o440),
-    Row("log", Kind.ROOT_LOG, 0o440),
+    # name, kind, mode, own, other, read, write, stream
+    Row("ctl", Kind.ROOT_CTL, 0o440, "", "r", Read.STATUS),
+    Row("log", Kind.ROOT_LOG, 0o440, "", "r", Read.STREAM),
     Row("agents", Kind.AGENTS, 0o770, is_dir=True),
     Row("vault", Kind.VAULT, 0o770, is_dir=True),
 )
@@ -63,10 +99,11 @@ AGENT_ROWS = (
     # inbox: offsets mean nothing to a queue, reads take the next message wherever
     # the file offset is; lseek still succeeds (GNU head and bash seek by 0 at the
     # end of a line, and a failing lseek makes head complain).
-    Row("inbox", Kind.INBOX, 0o660),
-    Row("outbox", Kind.OUTBOX, 0o660),
-    Row("ctl", Kind.CTL, 0o660),
-    Row("log", Kind.LOG, 0o440),
+    # name, kind, mode, own, other, read, write, stream
+    Row("inbox", Kind.INBOX, 0o660, "rw", "w", Read.QUEUE, Write.SEND),
+    Row("outbox", Kind.OUTBOX, 0o660, "rw", "r", Read.STREAM, Write.SEND, "{agent}.outbox"),
+    Row("ctl", Kind.CTL, 0o660, "rw", "r", Read.STATUS, Write.COMMAND),
+    Row("log", Kind.LOG, 0o440, "r", "r", Read.STREAM, Write.NONE, "{agent}.log"),
 )
 
 _FIXED = {ROOT_INODE: ROOT} | {ROOT_INODE + 1 + i: row for i, row in enumerate(ROOT_ROWS)}
@@ -83,6 +120,18 @@ class Node:
     inode: int
     row: Row
     agent: str | None = None
+
+    @property
+    def path(self) -> str:
+        """Its path in the mount, as views and events name it."""
+        kind = self.row.kind
+        if kind is Kind.ROOT:
+            return "/"
+        if self.agent is None:
+            return "/" + self.row.name
+        if kind is Kind.AGENT:
+            return f"/agents/{self.agent}"
+        return f"/agents/{self.agent}/{self.row.name}"
 
 
 class Tree:

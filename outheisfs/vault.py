@@ -25,13 +25,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyfuse3
-
 VAULT_BASE = 1 << 40  # far above the tree's inode numbers
 
 
-def fail(code: int) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(code)
+def fail(code: int) -> OSError:
+    """The error the store raises: an OSError with its errno (ops maps it)."""
+    return OSError(code, os.strerror(code))
 
 
 @dataclass(eq=False)
@@ -220,26 +219,6 @@ class Store:
             return
         with self.parent_fd(path) as (fd, name):
             os.utime(name, ns=ns, dir_fd=fd, follow_symlinks=False)
-
-
-def attrs(inode: int, st: os.stat_result, mask: int = 0o7777) -> pyfuse3.EntryAttributes:
-    a = pyfuse3.EntryAttributes()
-    a.st_ino = inode
-    a.generation = 0
-    a.entry_timeout = 0  # the view differs per caller [SPEC §6]
-    a.attr_timeout = 0
-    a.st_mode = (st.st_mode & ~0o7777) | (st.st_mode & mask)
-    a.st_nlink = st.st_nlink
-    a.st_uid = st.st_uid
-    a.st_gid = st.st_gid
-    a.st_rdev = 0
-    a.st_size = st.st_size
-    a.st_blksize = 4096
-    a.st_blocks = st.st_blocks
-    a.st_atime_ns = st.st_atime_ns
-    a.st_mtime_ns = st.st_mtime_ns
-    a.st_ctime_ns = st.st_ctime_ns
-    return a
 
 
 def domain_of(path: str) -> str | None:

@@ -5,6 +5,9 @@ or the owner of the domain the path lies in with "w" in its view. A path
 outside the view is ENOENT (and a `denied` event), a visible one used beyond
 the caller's rights EACCES (and a `denied` event). Each change is a `vault`
 event: who, operation, path.
+
+This is the vault's side of the pyfuse3 adapter: the store below raises
+OSError, and what leaves here is `FUSEError` (or a refusal of `access`).
 """
 
 from __future__ import annotations
@@ -12,19 +15,18 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pyfuse3
 
-from .dispatcher import USER
-from .errors import Hidden, OutheisError
-from .operators import is_stranger
-from .vault import Store, VaultFile, attrs, domain_of, fail
-from .views import NOBODY, View
-
-if TYPE_CHECKING:
-    from .ops import Operations
+from . import events
+from .access import Access
+from .config import Config
+from .dispatcher import Dispatcher
+from .errors import OutheisError
+from .names import OPERATOR
+from .vault import Store, VaultFile, domain_of
 
 RENAME_NOREPLACE = 1
 T = TypeVar("T")
@@ -37,33 +39,58 @@ def where(path: str) -> str:
     return f"/vault/{path}" if path else "/vault"
 
 
+def fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+def attrs(inode: int, st: os.stat_result, mask: int = 0o7777) -> pyfuse3.EntryAttributes:
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = inode
+    a.generation = 0
+    a.entry_timeout = 0  # the view differs per caller [SPEC §6]
+    a.attr_timeout = 0
+    a.st_mode = (st.st_mode & ~0o7777) | (st.st_mode & mask)
+    a.st_nlink = st.st_nlink
+    a.st_uid = st.st_uid
+    a.st_gid = st.st_gid
+    a.st_rdev = 0
+    a.st_size = st.st_size
+    a.st_blksize = 4096
+    a.st_blocks = st.st_blocks
+    a.st_atime_ns = st.st_atime_ns
+    a.st_mtime_ns = st.st_mtime_ns
+    a.st_ctime_ns = st.st_ctime_ns
+    return a
+
+
 class VaultOps:
-    def __init__(self, ops: Operations, store: Store) -> None:
-        self.ops = ops
+    def __init__(
+        self, d: Dispatcher, config: Config, access: Access, store: Store, fhs: Iterator[int]
+    ) -> None:
+        self.d = d
+        self.access = access
         self.store = store
-        self.owners = ops.d.config.vault
+        self.owners = config.vault
+        self.fhs = fhs  # file handle numbers, shared with the agent files
+
+    # -- the store's names, with its errors as FUSE's ---------------------------------
+
+    def path(self, inode: int) -> str:
+        return self._do(lambda: self.store.path(inode))
+
+    def _join(self, parent: int, name: bytes) -> str:
+        return self._do(lambda: self.store.join(self.path(parent), os.fsdecode(name)))
 
     # -- rights ------------------------------------------------------------------------
 
     def perms(self, who: str, path: str) -> str | None:
-        if who == USER:
-            return "rw"
-        agent = self.ops.d.agents.get(who)
-        view = View(who, agent.grants) if agent else View(NOBODY, {})
-        return view.perms(where(path))
+        return self.access.perms(who, where(path))
 
     def see(self, who: str, path: str, op: str) -> str:
-        perms = self.perms(who, path)
-        if perms is None and is_stranger(who):
-            raise self.ops._refuse(who, where(path), op, "not an operator of this mount")
-        if perms is None:
-            e = Hidden(f"not in the view of {who}")
-            self.ops._error(who, where(path), e, op)
-            raise e
-        return perms
+        return self.access.visible(who, where(path), op)
 
     def may_change(self, who: str, path: str, perms: str) -> bool:
-        if who == USER:
+        if who == OPERATOR:
             return True
         return "w" in perms and self.owners.get(domain_of(path) or "") == who
 
@@ -82,19 +109,15 @@ class VaultOps:
             why = (
                 f"{where(path)} belongs to {owner}" if owner else f"{where(path)} is the operator's"
             )
-            raise self.ops._refuse(who, where(path), op, why)
+            raise self.access.refuse(who, where(path), op, why)
 
     def _narrowed_below(self, who: str, path: str) -> bool:
         """Whether the caller has a grant strictly below `path` (rights there
         differ from the folder's, and a rename would carry or drop them)."""
-        if who == USER:
-            return False
-        agent = self.ops.d.agents.get(who)
-        top = where(path) + "/"
-        return agent is not None and any(g.startswith(top) for g in agent.grants)
+        return self.access.granted_below(who, where(path))
 
     def record(self, who: str, op: str, path: str, **more: str) -> None:
-        self.ops.d.note({"type": "vault", "who": who, "op": op, "path": where(path), **more})
+        self.d.note(events.vault(who, op, where(path), **more))
 
     def entry(self, who: str, path: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
         perms = self.perms(who, path) or ""
@@ -112,22 +135,25 @@ class VaultOps:
     # -- names -------------------------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes, who: str) -> pyfuse3.EntryAttributes:
-        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        path = self._join(parent, name)
         st = self._lstat(path)
         self.see(who, path, "lookup")
         return self.entry(who, path, st)
 
     async def getattr(self, inode: int, who: str) -> pyfuse3.EntryAttributes:
-        path = self.store.path(inode)
+        path = self.path(inode)
         st = self._lstat(path)
         self.see(who, path, "stat")
         return self.entry(who, path, st)
 
     def listing(self, inode: int, who: str) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
-        path = self.store.path(inode)
+        path = self.path(inode)
         out = []
         for name, st in self.store.listdir(path):
-            child = self.store.join(path, name)
+            try:
+                child = self.store.join(path, name)
+            except OSError as e:
+                raise fail(e.errno or errno.EIO) from None
             if self.perms(who, child) is not None:
                 out.append((os.fsencode(name), self.entry(who, child, st)))
         return out
@@ -136,7 +162,7 @@ class VaultOps:
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
         fh: int | None, who: str,
     ) -> pyfuse3.EntryAttributes:  # fmt: skip
-        path = self.store.path(inode)
+        path = self.path(inode)
         if fields.update_uid or fields.update_gid:
             raise fail(errno.EPERM)
         self.change(who, path, "setattr")
@@ -163,7 +189,7 @@ class VaultOps:
         return self.entry(who, path, self._lstat(path))
 
     async def mkdir(self, parent: int, name: bytes, mode: int, who: str) -> pyfuse3.EntryAttributes:
-        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        path = self._join(parent, name)
         self.change(who, path, "mkdir", new=True)
         self._do(lambda: self.store.mkdir(path, mode & SAFE_MODE))
         self.record(who, "mkdir", path)
@@ -172,7 +198,7 @@ class VaultOps:
     async def mknod(self, parent: int, name: bytes, mode: int, who: str) -> pyfuse3.EntryAttributes:
         """Regular files only: the kernel opens FIFOs and devices without asking
         the server, so no view would apply to them."""
-        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        path = self._join(parent, name)
         if not stat.S_ISREG(mode):
             raise fail(errno.EPERM)
         self.change(who, path, "mknod", new=True)
@@ -181,7 +207,7 @@ class VaultOps:
         return self.entry(who, path, self._lstat(path))
 
     async def rmdir(self, parent: int, name: bytes, who: str) -> None:
-        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        path = self._join(parent, name)
         self._lstat(path)
         self.change(who, path, "rmdir")
         self._do(lambda: self.store.rmdir(path))
@@ -189,7 +215,7 @@ class VaultOps:
         self.record(who, "rmdir", path)
 
     async def unlink(self, parent: int, name: bytes, who: str) -> None:
-        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        path = self._join(parent, name)
         self._lstat(path)
         self.change(who, path, "unlink")
         self._do(lambda: self.store.unlink(path))
@@ -200,8 +226,8 @@ class VaultOps:
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
         who: str,
     ) -> None:  # fmt: skip
-        old = self.store.join(self.store.path(old_parent), os.fsdecode(old_name))
-        new = self.store.join(self.store.path(new_parent), os.fsdecode(new_name))
+        old = self._join(old_parent, old_name)
+        new = self._join(new_parent, new_name)
         if flags & ~RENAME_NOREPLACE:
             raise fail(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT
         self._lstat(old)
@@ -209,7 +235,7 @@ class VaultOps:
         self.change(who, new, "rename", new=True)
         if self._narrowed_below(who, old) or self._narrowed_below(who, new):
             why = "a path below it is granted differently: moving it would change that view"
-            raise self.ops._refuse(who, where(old), "rename", why)
+            raise self.access.refuse(who, where(old), "rename", why)
         if flags & RENAME_NOREPLACE:
             try:
                 self.store.lstat(new)
@@ -224,16 +250,16 @@ class VaultOps:
     async def symlink(
         self, parent: int, name: bytes, target: bytes, who: str
     ) -> pyfuse3.EntryAttributes:
-        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        path = self._join(parent, name)
         self.change(who, path, "symlink", new=True)
         self._do(lambda: self.store.symlink(os.fsdecode(target), path))
         self.record(who, "symlink", path)
         return self.entry(who, path, self._lstat(path))
 
     async def readlink(self, inode: int, who: str) -> bytes:
-        path = self.store.path(inode)
+        path = self.path(inode)
         if "r" not in self.see(who, path, "readlink"):
-            raise self.ops._refuse(who, where(path), "readlink", f"{who} may not read this")
+            raise self.access.refuse(who, where(path), "readlink", f"{who} may not read this")
         try:
             return os.fsencode(self.store.readlink(path))
         except OSError as e:
@@ -242,8 +268,8 @@ class VaultOps:
     async def link(
         self, inode: int, new_parent: int, new_name: bytes, who: str
     ) -> pyfuse3.EntryAttributes:
-        old = self.store.path(inode)
-        new = self.store.join(self.store.path(new_parent), os.fsdecode(new_name))
+        old = self.path(inode)
+        new = self._join(new_parent, new_name)
         self.change(who, old, "link")
         self.change(who, new, "link", new=True)
         self._do(lambda: self.store.link(old, new))
@@ -253,19 +279,18 @@ class VaultOps:
     # -- files -------------------------------------------------------------------------
 
     def _new_fh(self, fd: int, path: str, who: str) -> int:
-        fh = self.ops._next_fh
-        self.ops._next_fh += 1
+        fh = next(self.fhs)
         self.store.files[fh] = VaultFile(fd, path, who)
         return fh
 
     async def open(self, inode: int, flags: int, who: str) -> pyfuse3.FileInfo:
-        path = self.store.path(inode)
+        path = self.path(inode)
         acc = flags & os.O_ACCMODE
         read = acc in (os.O_RDONLY, os.O_RDWR)
         write = acc in (os.O_WRONLY, os.O_RDWR) or bool(flags & os.O_TRUNC)
         perms = self.see(who, path, "open")
         if read and "r" not in perms:
-            raise self.ops._refuse(who, where(path), "open", f"{who} may not read this")
+            raise self.access.refuse(who, where(path), "open", f"{who} may not read this")
         if write:
             self.change(who, path, "open")
         fd = self._do(lambda: self.store.open(path, flags & ~(os.O_CREAT | os.O_EXCL)))
@@ -276,7 +301,7 @@ class VaultOps:
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, who: str
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        path = self.store.join(self.store.path(parent), os.fsdecode(name))
+        path = self._join(parent, name)
         self.change(who, path, "create", new=True)
         fd = self._do(lambda: self.store.open(path, flags | os.O_CREAT, mode & SAFE_MODE))
         self.record(who, "create", path)

@@ -17,15 +17,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .config import Config
+from .names import NOBODY
+from .tree import AGENT_ROWS, ROOT_ROWS
 
-OPERATOR = "user"
-NOBODY = "-"  # attributed to no one: the least rights
 HIDE = "-"
 
-# What the files of the tree can ever allow to an agent: (file name, own?) -> perms.
-OWN_FILES = {"inbox": "rw", "outbox": "rw", "ctl": "rw", "log": "r"}
-OTHER_FILES = {"inbox": "w", "outbox": "r", "ctl": "r", "log": "r"}
-ROOT_FILES = {"/ctl": "r", "/log": "r"}
+# What the files of the tree can ever allow to an agent, from the tree's table.
+OWN_FILES = {row.name: row.own for row in AGENT_ROWS}
+OTHER_FILES = {row.name: row.other for row in AGENT_ROWS}
+ROOT_FILES = {"/" + row.name: row.other for row in ROOT_ROWS if not row.is_dir}
 
 
 def normalize(path: str) -> str:

@@ -11,6 +11,7 @@ from outheisfs import ctl
 from outheisfs.dispatcher import Dispatcher
 from outheisfs.errors import BadInput
 from outheisfs.models import new_id
+from outheisfs.procstate import Processes
 
 from .helpers_unit import make_config, open_dispatcher, send
 
@@ -116,7 +117,7 @@ def test_unknown_command(line: str) -> None:
 
 def test_agent_status_keys(d: Dispatcher) -> None:
     for name in ("user", "echo", "notes"):
-        s = status(ctl.agent_status(d.agents[name]))
+        s = status(ctl.agent_status(d.agents[name], Processes(d.config).of(name)))
         assert set(KEYS.split()) <= set(s), name
         assert s["name"] == name
         assert s["state"] in STATES
@@ -126,9 +127,9 @@ def test_agent_status_values(d: Dispatcher) -> None:
     send(d, "user", "echo", "a")
     send(d, "user", "echo", "b")
     send(d, "user", "echo", "c")
-    m = d.take("echo", object())
+    m = d.take("echo")
     assert m is not None
-    s = status(ctl.agent_status(d.agents["echo"]))
+    s = status(ctl.agent_status(d.agents["echo"], Processes(d.config).of("echo")))
     assert s["priority"] == "interactive"
     assert s["restart"] == "transient"
     assert (s["queued"], s["inflight"], s["delivered"], s["dead"]) == ("2", "1", "1", "0")
@@ -137,9 +138,9 @@ def test_agent_status_values(d: Dispatcher) -> None:
     assert "notes" in s["send"] and "user" in s["send"]
     assert "/vault/notes" in s["unveil"] and "/vault/drafts" in s["unveil"]
     d.retry(m, "crash")
-    m = d.take("echo", object())
+    m = d.take("echo")
     assert m is not None
-    s = status(ctl.agent_status(d.agents["echo"]))
+    s = status(ctl.agent_status(d.agents["echo"], Processes(d.config).of("echo")))
     assert (s["queued"], s["inflight"], s["delivered"]) == ("2", "1", "2")
 
 
@@ -147,19 +148,19 @@ def test_agent_status_dead_counter(tmp_path: Path) -> None:
     disp, log = open_dispatcher(tmp_path, make_config({"echo": {}}, max_attempts=1))
     try:
         send(disp, "user", "echo")
-        m = disp.take("echo", object())
+        m = disp.take("echo")
         assert m is not None
         disp.retry(m, "crash")
-        s = status(ctl.agent_status(disp.agents["echo"]))
+        s = status(ctl.agent_status(disp.agents["echo"], Processes(disp.config).of("echo")))
         assert (s["dead"], s["queued"], s["inflight"]) == ("1", "0", "0")
     finally:
         log.close()
 
 
 def test_agent_without_process(d: Dispatcher) -> None:
-    s = status(ctl.agent_status(d.agents["notes"]))
+    s = status(ctl.agent_status(d.agents["notes"], Processes(d.config).of("notes")))
     assert s["state"] == "external"
-    s = status(ctl.agent_status(d.agents["user"]))
+    s = status(ctl.agent_status(d.agents["user"], Processes(d.config).of("user")))
     assert s["state"] == "external"
 
 
@@ -167,7 +168,7 @@ def test_root_status(d: Dispatcher) -> None:
     send(d, "user", "notes", "x")
     send(d, "user", "notes", "y")
     d.mkdir("made", "user")
-    text = ctl.root_status(d)
+    text = ctl.root_status(d, Processes(d.config))
     assert text.endswith("\n")
     rows = [line.split(" ") for line in text.splitlines()]
     assert all(len(r) == 5 for r in rows), rows

@@ -13,6 +13,7 @@ from outheisfs.dispatcher import Dispatcher
 from outheisfs.errors import BadInput, Exists, NotEmpty, NotFound, OutheisError
 from outheisfs.eventlog import EventLog
 from outheisfs.models import Draft, Message
+from outheisfs.procstate import Processes
 
 from .helpers_unit import (
     Clock,
@@ -54,7 +55,7 @@ def env(tmp_path: Path) -> Iterator[Env]:
 
 def drain(d: Dispatcher, name: str) -> list[Message]:
     out = []
-    while (m := d.take(name, object())) is not None:
+    while (m := d.take(name)) is not None:
         out.append(m)
         d.ack(m, name)
     return out
@@ -68,14 +69,13 @@ def test_send_take_ack(env: Env) -> None:
     events = send(d, "user", "echo", {"x": 1})
     assert len(events) == 1
     assert d.agents["echo"].queued == 1
-    holder = object()
-    m = d.take("echo", holder)
-    assert m is not None and m.holder is holder
+    m = d.take("echo")
+    assert m is not None
     assert (m.body, m.sender, m.to, m.delivered, m.reply_to) == ({"x": 1}, "user", "echo", 1, None)
     logged = read_events(env.state, "message")[0]
     assert m.seq == logged["seq"] and m.id == logged["id"] == events[0]["id"]
     assert d.agents["echo"].queued == 0 and list(d.agents["echo"].inflight) == [m.id]
-    assert d.take("echo", object()) is None
+    assert d.take("echo") is None
     d.ack(m, "echo")
     assert d.agents["echo"].inflight == {} and m.id not in d.messages
     assert d.agents["echo"].delivered == 1
@@ -86,7 +86,7 @@ def test_send_take_ack(env: Env) -> None:
 def test_ack_twice_logs_once(env: Env) -> None:
     d = env.open()
     send(d, "user", "echo")
-    m = d.take("echo", object())
+    m = d.take("echo")
     assert m is not None
     d.ack(m, "echo")
     d.ack(m, "echo")
@@ -167,7 +167,7 @@ def test_aging(
     start = clock.t
     d = aged_pair(env, clock, first, wait, second)
     clock.t = start + now
-    m = d.take("echo", object())
+    m = d.take("echo")
     assert m is not None and m.body == winner
 
 
@@ -186,7 +186,7 @@ def test_aging_nothing_starves(env: Env, clock: Clock) -> None:
     for i in range(100):
         send(d, "user", "echo", i, priority="interactive")
         clock.t += 1.0
-        m = d.take("echo", object())
+        m = d.take("echo")
         assert m is not None
         d.ack(m, "echo")
         served.append(m.body)
@@ -213,7 +213,7 @@ def test_retry_increments_attempt_then_dead(env: Env) -> None:
     send(d, "user", "echo", "fragile")
     attempts = []
     for _ in range(3):
-        m = d.take("echo", object())
+        m = d.take("echo")
         assert m is not None
         attempts.append(m.delivered)
         attempts_id = m.id
@@ -222,7 +222,7 @@ def test_retry_increments_attempt_then_dead(env: Env) -> None:
     assert attempts == [1, 2, 3]
     a = d.agents["echo"]
     assert a.dead == 1 and a.queued == 0 and a.inflight == {} and d.messages == {}
-    assert d.take("echo", object()) is None
+    assert d.take("echo") is None
     dead = read_events(env.state, "dead")
     assert len(dead) == 1 and dead[0]["id"] == attempts_id and dead[0]["agent"] == "echo"
     redeliver = read_events(env.state, "redeliver")
@@ -233,7 +233,7 @@ def test_default_max_attempts_is_five(env: Env) -> None:
     d = env.open()
     send(d, "user", "echo")
     n = 0
-    while (m := d.take("echo", object())) is not None:
+    while (m := d.take("echo")) is not None:
         n += 1
         d.retry(m, "crash")
     assert n == 5 and d.agents["echo"].dead == 1
@@ -243,7 +243,7 @@ def test_retry_keeps_place_in_line(env: Env) -> None:
     d = env.open()
     send(d, "user", "echo", "a")
     send(d, "user", "echo", "b")
-    m = d.take("echo", object())
+    m = d.take("echo")
     assert m is not None and m.body == "a"
     d.retry(m, "crash")
     assert [(m.body, m.delivered) for m in drain(d, "echo")] == [("a", 2), ("b", 1)]
@@ -252,7 +252,7 @@ def test_retry_keeps_place_in_line(env: Env) -> None:
 def test_retry_after_ack_is_ignored(env: Env) -> None:
     d = env.open()
     send(d, "user", "echo")
-    m = d.take("echo", object())
+    m = d.take("echo")
     assert m is not None
     d.ack(m, "echo")
     d.retry(m, "late")
@@ -263,7 +263,7 @@ def test_ack_all(env: Env) -> None:
     d = env.open()
     for i in range(3):
         send(d, "user", "echo", i)
-    ms = [d.take("echo", object()) for _ in range(3)]
+    ms = [d.take("echo") for _ in range(3)]
     assert d.ack_all("echo", "user", ms[1].id) == 1  # type: ignore[union-attr]
     assert set(d.agents["echo"].inflight) == {ms[0].id, ms[2].id}  # type: ignore[union-attr]
     assert d.ack_all("echo", "user") == 2
@@ -278,11 +278,11 @@ def test_ack_all(env: Env) -> None:
 def test_reply_goes_to_sender_of_held_message(env: Env) -> None:
     d = env.open()
     send(d, "notes", "echo", "ping")
-    m = d.take("echo", object())
+    m = d.take("echo")
     assert m is not None
     events = send(d, "echo", None, "pong")
     assert events[0]["to"] == "notes" and events[0]["reply_to"] == m.id
-    reply = d.take("notes", object())
+    reply = d.take("notes")
     assert reply is not None
     assert (reply.sender, reply.body, reply.reply_to) == ("echo", "pong", m.id)
 
@@ -301,7 +301,7 @@ def test_reply_with_several_in_flight(env: Env) -> None:
     d = env.open()
     send(d, "user", "echo", "1")
     send(d, "notes", "echo", "2")
-    a, b = d.take("echo", object()), d.take("echo", object())
+    a, b = d.take("echo"), d.take("echo")
     assert a is not None and b is not None
     before = d.seq
     with pytest.raises(BadInput):
@@ -345,7 +345,7 @@ def test_full(env: Env) -> None:
     full = d.full(more)
     assert full is not None and full.name == "echo"
     assert d.full(d.plan("user", [Draft(body=3)], "notes")) is None
-    m = d.take("echo", object())
+    m = d.take("echo")
     assert m is not None
     assert d.full(more) is None, "a message taken frees a place"
     two = d.plan("user", [Draft(body=4), Draft(body=5)], "echo")
@@ -358,7 +358,7 @@ def test_full(env: Env) -> None:
 def test_mkdir(env: Env) -> None:
     d = env.open()
     a = d.mkdir("new.agent_1-x", "user")
-    assert a.name in d.agents and a.state == "external"
+    assert a.name in d.agents and Processes(d.config).of(a.name).state == "external"
     send(d, "user", "new.agent_1-x", "hi")
     assert d.agents["new.agent_1-x"].queued == 1
     for existing in ("new.agent_1-x", "echo", "user"):
@@ -386,7 +386,7 @@ def test_rmdir(env: Env) -> None:
     send(d, "user", "tmp")
     with pytest.raises(NotEmpty):
         d.rmdir("tmp", "user")
-    m = d.take("tmp", object())
+    m = d.take("tmp")
     assert m is not None
     with pytest.raises(NotEmpty):  # in flight still counts
         d.rmdir("tmp", "user")
@@ -432,7 +432,7 @@ def random_ops(d: Dispatcher, rng: random.Random, n: int) -> None:
                 if d.full(events) is None:
                     d.deliver(events)
             elif op == "take":
-                d.take(rng.choice(names), object())
+                d.take(rng.choice(names))
             elif op == "ack" and held:
                 d.ack(rng.choice(held), "user")
             elif op == "retry" and held:
@@ -478,7 +478,7 @@ def test_replay_until(env: Env) -> None:
     d = env.open()
     send(d, "user", "echo", "a")
     mid = snapshot(d)
-    m = d.take("echo", object())
+    m = d.take("echo")
     assert m is not None
     d.ack(m, "echo")
     d2 = Dispatcher(d.config, None)
@@ -503,11 +503,11 @@ def test_requeue_inflight_after_restart(tmp_path: Path) -> None:
     send(d, "user", "echo", "a")
     send(d, "user", "echo", "b")
     send(d, "user", "notes", "c")
-    a = d.take("echo", object())
-    c = d.take("notes", object())
+    a = d.take("echo")
+    c = d.take("notes")
     assert a is not None and c is not None
     d.retry(c, "crash")
-    c = d.take("notes", object())  # attempt 2 of 2
+    c = d.take("notes")  # attempt 2 of 2
     assert c is not None
     log.close()  # the server stops with both in flight
 
@@ -553,7 +553,7 @@ def test_config_agent_removed_once_keeps_its_config(tmp_path: Path) -> None:
     d, log = mount_with(tmp_path, {"echo": {"command": ["true"], "restart": "transient"}})
     assert d.agents["echo"].config is not None
     assert d.agents["echo"].config.restart == "transient"
-    assert d.agents["echo"].state == "stopped"
+    assert Processes(d.config).of("echo").state == "stopped"
     log.close()
 
 

@@ -365,12 +365,12 @@ class Server:
         the opener is exiting with that status."""
         if exit_code is not None:
             exiting = Stat("R", 1, 0, PF_EXITING, exit_code)
-            setattr(self.ops, "_opener_stat", lambda h: exiting)  # noqa: B010
+            setattr(self.ops.files, "_opener_stat", lambda h: exiting)  # noqa: B010
         try:
             err = await fuse_errno(self.ops.flush(fh))
         finally:
             if exit_code is not None:
-                delattr(self.ops, "_opener_stat")
+                delattr(self.ops.files, "_opener_stat")
         await self.ops.release(fh)
         return err
 
@@ -382,7 +382,7 @@ class Server:
         self.procs.close()
 
     async def stop(self) -> None:
-        for fh in list(self.ops.handles):
+        for fh in list(self.ops.files.handles):
             await self.close(fh, None)
         self.log.close()
         self.procs.close()
@@ -415,8 +415,8 @@ def check(server: Server, model: Model) -> None:
     assert [e["errno"] for e in read_events(server.state, "error")] == model.errors
     # What the server counts against the writers' limits is what their files hold.
     held = sum(len(w.partial) for w in model.writers)
-    assert server.ops.unfinished == ({"user": held} if held else {})
-    assert server.ops.waiting == {}
+    assert server.ops.files.unfinished == ({"user": held} if held else {})
+    assert server.ops.files.waiting == {}
 
 
 async def step(server: Server, model: Model, op: tuple[Any, ...]) -> Server:

@@ -575,7 +575,7 @@ async def test_blocked_reader_interrupted(env: OpsEnv, monkeypatch: pytest.Monke
         codes.append(await fuse_errno(env.ops.read(fh, 0, 4096)))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(env.ops.parking.run)
+        nursery.start_soon(env.ops.files.parking.run)
         nursery.start_soon(reader)
         await trio.sleep(0.05)
         with monkeypatch.context() as m:
@@ -604,7 +604,7 @@ async def test_blocked_writer_interrupted(
         codes.append(await fuse_errno(env.ops.write(fh, 1, b"\n")))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(env.ops.parking.run)
+        nursery.start_soon(env.ops.files.parking.run)
         nursery.start_soon(writer)
         await trio.sleep(0.05)
         assert codes == [], "a full inbox blocks the writer"
@@ -656,11 +656,11 @@ async def test_an_agent_has_at_most_max_waiting_requests_parked(
         got.append(await env.ops.read(fh, 0, 4096))
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(env.ops.parking.run)
+        nursery.start_soon(env.ops.files.parking.run)
         nursery.start_soon(reader, fhs[0])
         nursery.start_soon(reader, fhs[1])
         await trio.sleep(0.05)
-        assert env.ops.waiting == {"echo": 2}
+        assert env.ops.files.waiting == {"echo": 2}
         assert await fuse_errno(env.ops.read(fhs[2], 0, 4096)) == errno.ENOBUFS
         assert last_error(env)["errno"] == "ENOBUFS" and "max_waiting" in last_error(env)["why"]
         assert env.events("deliver") == [], "the refused read took nothing"
@@ -671,7 +671,7 @@ async def test_an_agent_has_at_most_max_waiting_requests_parked(
                 await trio.sleep(0.005)
         nursery.cancel_scope.cancel()
     assert sorted(json.loads(x)["body"] for x in got) == ["one", "two"]
-    assert env.ops.waiting == {}
+    assert env.ops.files.waiting == {}
     for fh in fhs:
         await env.ops.release(fh)
 
@@ -683,12 +683,12 @@ async def test_an_agent_holds_at_most_max_unfinished_bytes_of_unterminated_lines
     env.ops.procs.labels[os.getpid()] = "echo"
     a, b = [await env.open("agents/echo/outbox", WR) for _ in range(2)]
     assert await env.ops.write(a, 0, b"x" * 60) == 60
-    assert env.ops.unfinished == {"echo": 60}
+    assert env.ops.files.unfinished == {"echo": 60}
     assert await fuse_errno(env.ops.write(b, 0, b"y" * 50)) == errno.ENOBUFS
     assert last_error(env)["errno"] == "ENOBUFS" and "max 100" in last_error(env)["why"]
-    assert env.ops.unfinished == {"echo": 60}, "the refused bytes are not kept"
+    assert env.ops.files.unfinished == {"echo": 60}, "the refused bytes are not kept"
     await env.ops.release(a)  # its line goes (and is refused: nothing in flight to answer)
-    assert env.ops.unfinished == {}
+    assert env.ops.files.unfinished == {}
     assert await env.ops.write(b, 0, b"y" * 50) == 50
     await env.ops.release(b)
     del env.ops.procs.labels[os.getpid()]
@@ -712,10 +712,10 @@ async def test_a_flush_while_a_write_waits_counts_the_line_once(
     env.ops.procs.labels[os.getpid()] = "echo"
     fh = await env.open("agents/notes/inbox", WR)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(env.ops.parking.run)
+        nursery.start_soon(env.ops.files.parking.run)
         nursery.start_soon(env.ops.write, fh, 0, b"line1\npartial")  # waits for room
         await trio.sleep(0.05)
-        assert env.ops.unfinished == {"echo": 7}
+        assert env.ops.files.unfinished == {"echo": 7}
         nursery.start_soon(env.ops.flush, fh)  # a copy closed: the line goes too
         await trio.sleep(0.05)
         del env.ops.procs.labels[os.getpid()]
@@ -726,10 +726,10 @@ async def test_a_flush_while_a_write_waits_counts_the_line_once(
                 bodies.append(json.loads(await env.ops.read(rd, 0, 4096))["body"])
         nursery.cancel_scope.cancel()
     assert bodies == ["filler", "line1", "partial"]
-    assert env.ops.unfinished == {}, "counted once, released once"
+    assert env.ops.files.unfinished == {}, "counted once, released once"
     await env.ops.release(fh)
     await env.ops.release(rd)
-    assert env.ops.unfinished == {}
+    assert env.ops.files.unfinished == {}
 
 
 async def test_a_lone_surrogate_in_a_body_is_einval_with_an_event(env: OpsEnv) -> None:

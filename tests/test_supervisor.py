@@ -20,11 +20,13 @@ import pytest
 import trio
 from trio.testing import MockClock
 
+from outheisfs import events
 from outheisfs import supervisor as supervisor_mod
-from outheisfs.dispatcher import Agent
 from outheisfs.errors import BadInput
 from outheisfs.eventlog import EventLog
 from outheisfs.procevents import ProcEvents
+from outheisfs.procinfo import abnormal, describe
+from outheisfs.procstate import ProcState
 from outheisfs.supervisor import (
     BACKOFF_FIRST,
     BACKOFF_MAX,
@@ -32,9 +34,7 @@ from outheisfs.supervisor import (
     Intensity,
     Runner,
     Supervisor,
-    abnormal,
     backoff,
-    describe,
     should_restart,
 )
 
@@ -238,7 +238,7 @@ class World:
         self.procs.label(inst.pid, inst.label)
         self.live[inst.pid] = (runner, inst)
         self.spawns.append(Spawned(trio.current_time() - self.t0, runner.name, index, inst.pid))
-        self.d.note({"type": "start", "agent": runner.name, "pid": inst.pid, "instance": index})
+        self.d.note(events.start(runner.name, inst.pid, index))
         self.sup._update(runner)
         crash = self.crash.get(runner.name)
         if crash is not None:
@@ -288,8 +288,8 @@ class World:
     def now(self) -> float:
         return trio.current_time() - self.t0
 
-    def agent(self, name: str) -> Agent:
-        return self.d.agents[name]
+    def agent(self, name: str) -> ProcState:
+        return self.sup.table.of(name)
 
     def pid(self, name: str, index: int = 0) -> int:
         return self.sup.runners[name].instances[index].pid

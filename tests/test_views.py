@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from outheisfs.views import NOBODY, View, config_grants, normalize
+from outheisfs.names import NOBODY
+from outheisfs.views import View, config_grants, normalize
 
 from .helpers_unit import make_config
 

@@ -1,0 +1,136 @@
+"""Who a request acts for, what that caller may see and do, and its refusals [SPEC §6].
+
+The caller is an agent (the label of its process, given to it or an ancestor by
+the supervisor or `outheisfs run`), the operator (any other process of a uid
+admitted as the operator: see `operators`), a stranger (a process of any other
+uid: it may stat the root and nothing else), or NOBODY (a request that cannot be
+attributed: the least rights). What an agent
+may do with a path is its view (`views`); this module asks it, and turns a
+refusal into the errno the caller sees and an event in the log: `denied` for a
+path outside the view (ENOENT) or used beyond the rights (EACCES), `error` for
+the rest. `denied` events are rate-limited per agent, so that an agent looping
+on refusals cannot fill the disk.
+
+Nothing here knows FUSE: the request context is anything with a `pid`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from typing import Protocol
+
+from . import events
+from .dispatcher import Dispatcher
+from .errors import Hidden, NoRight, OutheisError
+from .names import NOBODY, OPERATOR
+from .operators import Operators, is_stranger, stranger
+from .procevents import ProcEvents
+from .views import View
+
+DENIED_BURST, DENIED_RATE = 1000.0, 100.0  # `denied` events per agent: burst, then per second
+QUIET = {errno.EINTR}  # a refusal that is normal, not an `error` event
+
+
+class Caller(Protocol):
+    """What is known of the process behind a request (pyfuse3's RequestContext)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    @property
+    def uid(self) -> int: ...
+
+    @property
+    def gid(self) -> int: ...
+
+
+class Access:
+    def __init__(self, d: Dispatcher, procs: ProcEvents) -> None:
+        self.d = d
+        self.procs = procs
+        self.operators = Operators.resolve(d.config.operators)
+        self._denied: dict[str, tuple[float, float, int]] = {}  # who -> (tokens, when, unlogged)
+
+    # -- identity -------------------------------------------------------------------------
+
+    def who(self, ctx: Caller) -> str:
+        """The agent a request acts for: the label of the calling process, given
+        to it (or an ancestor) by the supervisor or `outheisfs run`. A process that
+        is no agent's is the operator; a request that cannot be attributed (pid 0,
+        a process already gone) is NOBODY, with the least rights [SPEC §6]. A
+        process of a uid that is not admitted as the operator is a stranger."""
+        if not ctx.pid:
+            return NOBODY
+        label = self.procs.label_of(ctx.pid)
+        if label is not None:
+            return label.split("#", 1)[0]
+        if not self.operators.admits(ctx.uid, ctx.gid, ctx.pid):
+            return stranger(ctx.uid)
+        try:
+            os.kill(ctx.pid, 0)
+        except ProcessLookupError:
+            return NOBODY
+        except PermissionError:
+            pass
+        return OPERATOR
+
+    # -- views ----------------------------------------------------------------------------
+
+    def perms(self, who: str, path: str) -> str | None:
+        """What `who` may do with `path`: None if it is hidden, else a subset of
+        "rw" ("" for a folder it may only walk through)."""
+        if who == OPERATOR:
+            return "rw"
+        agent = self.d.agents.get(who)
+        if agent is None:
+            return View(NOBODY, {}).perms(path)
+        return View(who, agent.grants).perms(path)
+
+    def visible(self, who: str, path: str, op: str) -> str:
+        """The perms of a path the caller may see; Hidden (ENOENT, `denied`) if not."""
+        perms = self.perms(who, path)
+        if perms is None and is_stranger(who):
+            raise self.refuse(who, path, op, "not an operator of this mount")
+        if perms is None:
+            e = Hidden(f"not in the view of {who}")
+            self.report(who, path, e, op)
+            raise e
+        return perms
+
+    def granted_below(self, who: str, path: str) -> bool:
+        """Whether the caller has a grant strictly below `path`."""
+        if who == OPERATOR:
+            return False
+        agent = self.d.agents.get(who)
+        top = path.rstrip("/") + "/"
+        return agent is not None and any(g.startswith(top) for g in agent.grants)
+
+    # -- refusals -------------------------------------------------------------------------
+
+    def refuse(self, who: str, where: str, op: str, why: str) -> NoRight:
+        """A visible path used beyond the caller's rights: EACCES, `denied`."""
+        e = NoRight(why)
+        self.report(who, where, e, op)
+        return e
+
+    def report(self, who: str, where: str, e: OutheisError, op: str = "write") -> None:
+        """Record a refusal once: `denied` (rate-limited) or `error` (unless QUIET)."""
+        if e.recorded:
+            return
+        e.recorded = True
+        if isinstance(e, (Hidden, NoRight)):
+            # Past a burst, at most DENIED_RATE events a second each; the next one
+            # logged says how many were left out.
+            now = time.monotonic()
+            tokens, last, dropped = self._denied.get(who, (DENIED_BURST, now, 0))
+            tokens = min(DENIED_BURST, tokens + (now - last) * DENIED_RATE)
+            if tokens < 1:
+                self._denied[who] = (tokens, now, dropped + 1)
+                return
+            self._denied[who] = (tokens - 1, now, 0)
+            self.d.note(events.denied(who, op, where, e.reason, dropped))
+            return
+        if e.errno not in QUIET:
+            self.d.note(events.error(where, e.errno, e.reason, who))
