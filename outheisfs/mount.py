@@ -192,9 +192,12 @@ async def serve(opts: Options, ready: Ready) -> None:
                     break
             # Agents go first, while the mount still answers them.
             await supervisor.shutdown()
+            # Readers that closed within the close grace: settled now, not lost
+            # with the tasks that wait out the grace.
+            ops.files.settle_all()
             nursery.cancel_scope.cancel()
     finally:
-        ops.files.settle_all()
+        ops.files.settle_all()  # also when serving failed: before the `umount` event
         d.note(events.umount(str(opts.mountpoint)))
         elog.close()
         pyfuse3.close(unmount=True)

@@ -432,15 +432,14 @@ class OpenFiles:
 
     async def _settle_later(self, msg: Message) -> None:
         """A reader closed its inbox while alive: the message counts as handled
-        unless the process now fails (exits non-zero or is killed) within the grace."""
+        unless the process now fails (exits non-zero or is killed) within the grace.
+        If the server stops first, `settle_all` decides (the entry stays)."""
         s = self.settling.get(msg)
         if s is None:
             return  # settled already
-        try:
-            code = await self.procs.wait(s.pid, s.start, CLOSE_GRACE)
-        finally:
-            self.settling.pop(msg, None)
-        self._settle(msg, s, code, " after closing")
+        code = await self.procs.wait(s.pid, s.start, CLOSE_GRACE)
+        if self.settling.pop(msg, None) is not None:
+            self._settle(msg, s, code, " after closing")
 
     def _settle(self, msg: Message, s: Settling, code: int | None, when: str) -> None:
         try:
@@ -452,7 +451,9 @@ class OpenFiles:
             log.error("message %s stays in flight: %s", msg.id, e)
 
     def settle_all(self) -> None:
-        """At shutdown: closed files' messages count as handled."""
+        """At a clean stop, before its `umount` event: the messages of readers that
+        closed within the grace count as handled, unless the reader is known to
+        have failed already."""
         for msg, s in list(self.settling.items()):
             del self.settling[msg]
             self._settle(msg, s, self.procs.exited(s.pid, s.start), " after closing")

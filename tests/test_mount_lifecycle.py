@@ -169,6 +169,33 @@ def test_message_in_flight_at_kill_comes_back(server: Server) -> None:
     assert redo and "restarted" in redo[-1]["reason"]
 
 
+@pytest.mark.parametrize("stop", ["umount", "sigterm"])
+def test_a_clean_stop_keeps_the_acks_of_readers_within_the_close_grace(
+    server: Server, stop: str
+) -> None:
+    """A reader that closed its inbox just before a clean stop handled its message:
+    the stop settles it (before its `umount` event), and it is not delivered again."""
+    server.write_config("[agents.echo]\n")
+    server.mount()
+    server.send("echo", "handled")
+    pid = server.pid
+    fd = os.open(server.agent("echo", "inbox"), os.O_RDONLY)
+    msg = json.loads(os.read(fd, 1 << 16))
+    os.close(fd)  # this process lives on: its message waits out the close grace
+    if stop == "umount":
+        r = server.umount()
+        assert r.returncode == 0, r.stderr
+    else:
+        os.kill(pid, signal.SIGTERM)
+        wait_for(lambda: not _alive(pid) and not os.path.ismount(server.mp), timeout=30)
+    kinds = [(e["type"], e.get("id")) for e in server.events()]
+    assert ("ack", msg["id"]) in kinds, "settled by the stop"
+    assert kinds.index(("ack", msg["id"])) < kinds.index(("umount", None))
+    server.mount()
+    assert server.status("echo")["queued"] == "0"
+    assert server.events("redeliver") == [], "not delivered again"
+
+
 def test_blocked_reader_gets_an_error_when_the_server_dies(server: Server) -> None:
     server.mount()
     with subprocess.Popen(
