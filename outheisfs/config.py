@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
+from .names import OPERATOR
 from .operators import Operators
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
@@ -84,12 +85,12 @@ class Config(BaseModel):
                 f"({self.max_message}): an agent could not write one whole message"
             )
         for name, agent in self.agents.items():
-            if name == "user":
+            if name == OPERATOR:
                 raise ConfigError(f"agents.{name}: 'user' is reserved for the operator")
             if not valid_name(name):
                 raise ConfigError(f"agents.{name}: agent name must match {NAME_RE.pattern}")
             for target in agent.send:
-                if target != "*" and target != "user" and target not in self.agents:
+                if target != "*" and target != OPERATOR and target not in self.agents:
                     raise ConfigError(f"agents.{name}.send: unknown agent {target!r}")
         self.check_vault()
         Operators.resolve(self.operators)  # an unknown user or group names the key

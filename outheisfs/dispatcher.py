@@ -26,7 +26,7 @@ from .events import Event
 from .inbox import Inbox
 from .models import INFLIGHT, Draft, Message, new_id, parse_ts
 from .names import OPERATOR
-from .views import View, config_grants, normalize
+from .views import HIDE, View, config_grants, normalize
 
 if TYPE_CHECKING:  # only its type: the log and its trio-based waiting stay apart
     from .eventlog import EventLog
@@ -178,7 +178,7 @@ class Dispatcher:
                 return agent.grants
         path = normalize(path)
         grants = dict(agent.grants)
-        if perms == "-":  # hidden: with everything granted below it
+        if perms == HIDE:  # hidden: with everything granted below it
             grants = {g: p for g, p in grants.items() if not g.startswith(path.rstrip("/") + "/")}
         grants[path] = perms
         return grants

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .config import PRIORITIES, Priority, valid_name
 from .errors import BadInput
+from .names import OPERATOR
 
 RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 
@@ -180,7 +181,7 @@ class Envelope(BaseModel):
         if isinstance(v, list) and not v:
             raise ValueError("must name at least one agent")
         for name in names:
-            if not valid_name(name) and name != "user":
+            if not valid_name(name) and name != OPERATOR:
                 raise ValueError(f"{name!r} is not an agent name")
         return v
 

@@ -31,6 +31,7 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
+from .. import events
 from ..models import new_id
 from . import redisref
 
@@ -238,27 +239,24 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return values["VmRSS"], values["VmHWM"]
 
 
-def write_log(state: Path, events: int, agents: int) -> None:
-    """A log of `events` events: messages sent, delivered and acknowledged."""
+def write_log(state: Path, count: int, agents: int) -> None:
+    """A log of `count` events: messages sent, delivered and acknowledged."""
     state.mkdir(parents=True)
     ts = "2026-01-01T00:00:00.000000Z"
     with open(state / "events.jsonl", "w") as f:
+
+        def put(seq: int, ev: dict[str, Any]) -> None:
+            f.write(json.dumps({"seq": seq, "ts": ts, **ev}, separators=(",", ":")) + "\n")
+
         names = {f"b{i}": "normal" for i in range(agents)}
-        mount = {"seq": 1, "ts": ts, "type": "mount", "mountpoint": "-", "pid": 0}
-        f.write(json.dumps({**mount, "durability": "process", "agents": names}) + "\n")
+        put(1, events.mount("-", 0, "process", names))
         seq = 2
-        while seq + 2 <= events:
+        while seq + 2 <= count:
             mid = new_id()
             to = f"b{seq % agents}"
-            f.write(
-                f'{{"seq":{seq},"ts":"{ts}","type":"message","id":"{mid}","from":"user",'
-                f'"to":"{to}","priority":"normal","body":"event {seq}","reply_to":null,'
-                f'"attempt":1}}\n'
-                f'{{"seq":{seq + 1},"ts":"{ts}","type":"deliver","agent":"{to}",'
-                f'"id":"{mid}","attempt":1}}\n'
-                f'{{"seq":{seq + 2},"ts":"{ts}","type":"ack","agent":"{to}","id":"{mid}",'
-                f'"who":"{to}"}}\n'
-            )
+            put(seq, events.message(mid, "user", to, "normal", f"event {seq}", None))
+            put(seq + 1, events.deliver(to, mid, 1))
+            put(seq + 2, events.ack(to, mid, to))
             seq += 3
 
 
