@@ -65,6 +65,11 @@ class Parking:
     def __init__(self) -> None:
         self._waiters: set[Waiter] = set()
         self._someone = trio.Event()
+        self.looks = 0  # times `run` has looked at the waiters' signals
+
+    def statistics(self) -> tuple[int, int]:
+        """(requests parked now, looks so far)."""
+        return len(self._waiters), self.looks
 
     async def run(self) -> None:
         while True:
@@ -72,6 +77,7 @@ class Parking:
                 await self._someone.wait()
                 self._someone = trio.Event()
             await trio.sleep(POLL)
+            self.looks += 1
             for w in list(self._waiters):
                 if w.signalled():
                     w.scope.cancel()

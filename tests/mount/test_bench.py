@@ -5,15 +5,20 @@ Performance itself is read from the benchmark's output, not asserted here."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Callable
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
+from pathlib import Path
 
+import pytest
 from pytest import approx
 
 from outheisfs.bench import REDIS, interleave, render, roundtrip_figures
 
-from .conftest import outheisfs
+from .conftest import PY
 
 FLOORED = {"one_fd", "open_write_close", "big_write", "roundtrip_p50", "roundtrip_p99"}
 EXPECTED = FLOORED | {
@@ -30,16 +35,32 @@ EXPECTED = FLOORED | {
 REFERENCE = {f"{key}_p{p}" for key in REDIS for p in (50, 99)}
 
 
-def bench_mounts() -> set[str]:
+def mounts_below(top: Path) -> set[str]:
     with open("/proc/self/mounts") as m:
-        return {line.split()[1] for line in m if "outheisfs-bench-" in line}
+        return {p for line in m if (p := line.split()[1]).startswith(f"{top}/")}
 
 
-def test_bench_quick_json_reports_every_figure() -> None:
-    before = bench_mounts()  # another bench may be running on this machine
-    r = outheisfs("bench", "--quick", "--json", timeout=600)
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A temporary folder of its own with a short path (unix sockets live in it)."""
+    top = Path(tempfile.mkdtemp(prefix="ob-"))
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_bench_quick_json_reports_every_figure(short_tmp: Path) -> None:
+    # Its own temporary folder: other benches may be running on this machine.
+    r = subprocess.run(
+        [PY, "-m", "outheisfs", "bench", "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TMPDIR": str(short_tmp)},
+    )
     assert r.returncode == 0, r.stderr
-    assert bench_mounts() <= before, "the bench left a mount behind"
+    assert mounts_below(short_tmp) == set(), "the bench left a mount behind"
     out = json.loads(r.stdout)
     assert out["quick"] is True
     assert out["machine"]["cpus"] >= 1 and out["machine"]["kernel"]

@@ -7,7 +7,7 @@ import pytest
 from outheisfs.names import NOBODY
 from outheisfs.views import View, config_grants, normalize
 
-from .helpers_unit import make_config
+from .helpers import make_config
 
 
 def view(grants: dict[str, str], agent: str = "me") -> View:

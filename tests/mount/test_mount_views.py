@@ -25,8 +25,6 @@ import pytest
 
 from .conftest import PY, Server, outheisfs, take, wait_for
 
-pytestmark = pytest.mark.mount
-
 VIEWPROBE = Path(__file__).parent / "agents" / "viewprobe.py"
 OK = "OK"
 FILES = ["ctl", "inbox", "log", "outbox"]

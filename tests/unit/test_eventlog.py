@@ -20,7 +20,7 @@ from outheisfs.eventlog import MAIN, EventLog, concerned, decode, encode, stream
 from outheisfs.eventlog import _streams as streams_quick
 from outheisfs.models import dumps
 
-from .helpers_unit import read_events, tree_bytes
+from .helpers import read_events, tree_bytes
 
 Event = dict[str, Any]
 
@@ -637,7 +637,9 @@ async def test_disk_durability_covers_later_appends(
         done.append("early")
 
     async def late() -> None:
-        await trio.sleep(0.01)  # appends while the first fsync runs
+        with trio.fail_after(5):  # appends while the first fsync runs
+            while counter.calls == 0:
+                await trio.sleep(0.001)
         log.append([sample(1)])
         await log.durable()
         # Its data was written after the first fsync began: a second one covers it.

@@ -9,9 +9,10 @@ trio nor pyfuse3, whatever it imports.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "outheisfs"
+PKG = Path(__file__).resolve().parents[2] / "outheisfs"
 PYFUSE3_ALLOWED = {"ops", "vaultops", "mount", "bench.floor"}
 
 
@@ -133,3 +134,38 @@ def test_the_check_sees_imports() -> None:
     assert {"pyfuse3", "access", "openfile"} <= imports("ops", modules()["ops"])
     assert "eventlog" not in graph(runtime_only=True)["dispatcher"]
     assert "eventlog" in graph()["dispatcher"]
+
+
+# -- the module map of docs/design.md -------------------------------------------------
+
+DESIGN = PKG.parent / "docs" / "design.md"
+
+
+def module_map() -> list[str]:
+    """The modules of the map's table in docs/design.md, top to bottom."""
+    text = DESIGN.read_text()
+    section = text[text.index("## 1. Module map") : text.index("## 2. ")]
+    return re.findall(r"^\| `([a-z_.]+)` \|", section, re.MULTILINE)
+
+
+def test_the_module_map_lists_every_module_and_only_those() -> None:
+    listed = module_map()
+    assert len(listed) == len(set(listed)), "listed twice"
+    assert set(listed) == set(modules())
+
+
+def test_each_module_imports_only_modules_below_it_in_the_map() -> None:
+    """bench stands apart: it may use the runtime, and only cli reaches it."""
+    order = {name: i for i, name in enumerate(module_map())}
+    upward = []
+    for name, deps in graph().items():
+        for dep in deps:
+            if name.startswith("bench") and not dep.startswith("bench"):
+                continue
+            if dep.startswith("bench") and not name.startswith("bench"):
+                if name != "cli":
+                    upward.append(f"{name} -> {dep}")
+                continue
+            if order[dep] <= order[name]:
+                upward.append(f"{name} -> {dep}")
+    assert upward == []

@@ -15,7 +15,7 @@ from outheisfs.eventlog import EventLog
 from outheisfs.models import Draft, Message
 from outheisfs.procstate import Processes
 
-from .helpers_unit import (
+from .helpers import (
     Clock,
     make_config,
     open_dispatcher,

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PY, Server, _alive, outheisfs, read_one, wait_for
-
-pytestmark = pytest.mark.mount
+from .conftest import PY, Server, _alive, outheisfs, parked, read_one, wait_for
 
 
 def server_processes(state: Path) -> list[int]:
@@ -201,7 +199,7 @@ def test_blocked_reader_gets_an_error_when_the_server_dies(server: Server) -> No
     with subprocess.Popen(
         ["cat", str(server.agent("user", "inbox"))], stderr=subprocess.PIPE
     ) as cat:
-        time.sleep(0.3)
+        wait_for(lambda: parked(cat.pid))
         server.kill9()
         t0 = time.monotonic()
         assert cat.wait(timeout=5) != 0

@@ -8,12 +8,11 @@ import os
 import select
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
-from .conftest import Server, read_one, sh, wait_for
-
-pytestmark = pytest.mark.mount
+from .conftest import Server, parked, read_one, sh, wait_for
 
 
 def test_echo_and_head(mounted: Server) -> None:
@@ -296,7 +295,7 @@ def test_full_inbox_blocks_then_eagain(server: Server) -> None:
     writer = subprocess.Popen(
         ["bash", "-c", f"echo 4 > {inbox}; echo done"], stdout=subprocess.PIPE
     )
-    time.sleep(0.5)
+    wait_for(lambda: parked(writer.pid))
     assert writer.poll() is None  # blocked on the full inbox
     assert read_one(server, "echo")["body"] == "1"
     out, _ = writer.communicate(timeout=5)
@@ -310,11 +309,22 @@ def test_echo_with_o_trunc_and_append(mounted: Server) -> None:
     assert [read_one(mounted, "echo")["body"] for _ in range(3)] == ["one", "two", "three"]
 
 
+def follows(pid: int, path: Path) -> bool:
+    """`tail -f` has the file open and sleeps, waiting for it to grow."""
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return str(path) in links and state == "S"
+
+
 def test_tail_f_follows_the_log(mounted: Server) -> None:
     cmd = ["tail", "-n", "0", "-f", str(mounted.p("log"))]
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as tail:
         try:
-            time.sleep(0.3)
+            wait_for(lambda: follows(tail.pid, mounted.p("log")))
             mounted.send("echo", "followed")
             assert tail.stdout is not None
             line = json.loads(tail.stdout.readline())
@@ -392,7 +402,7 @@ def test_many_blocked_readers_do_not_starve_others(mounted: Server) -> None:
         for _ in range(120)
     ]
     try:
-        time.sleep(1.0)
+        wait_for(lambda: all(parked(p.pid) for p in readers), timeout=30)
         t0 = time.monotonic()
         mounted.send("echo", "still served")
         assert read_one(mounted, "echo")["body"] == "still served"

@@ -13,7 +13,7 @@ from outheisfs.errors import BadInput
 from outheisfs.models import new_id
 from outheisfs.procstate import Processes
 
-from .helpers_unit import make_config, open_dispatcher, send
+from .helpers import make_config, open_dispatcher, send
 
 KEYS = "name state pid priority restart restarts queued inflight delivered dead send unveil"
 STATES = {"running", "starting", "stopped", "failed", "external"}

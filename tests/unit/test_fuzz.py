@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,7 +25,7 @@ from outheisfs.config import PRIORITIES
 from outheisfs.errors import BadInput
 from outheisfs.models import Draft, parse_line
 
-from .helpers_unit import OpsEnv, make_config, make_ops_env
+from .helpers import OpsEnv, errno_of, make_config, make_ops_env
 
 SOAK = int(os.environ.get("OUTHEISFS_SOAK", "0"))
 FUZZ = settings(
@@ -114,14 +113,10 @@ def with_env(fn: Any, *args: Any) -> None:
 async def refusal(env: OpsEnv, coro: Any) -> int | None:
     """The errno of a refused request, checked to have its one `error` event."""
     before = len(env.events("error"))
-    try:
-        await coro
-    except pyfuse3.FUSEError as e:
-        assert e.errno != errno.EIO, "a crash inside the server"
-        assert len(env.events("error")) == before + 1
-        return int(e.errno)
-    assert len(env.events("error")) == before
-    return None
+    code = await errno_of(coro)
+    assert code != errno.EIO, "a crash inside the server"
+    assert len(env.events("error")) == before + (code is not None)
+    return code
 
 
 @FUZZ

@@ -1,7 +1,9 @@
-"""Fixtures for real-mount tests: `outheisfs` runs as a subprocess, never in-process.
+"""Real-mount tests: `outheisfs` runs as a subprocess, never in-process.
 
-Every server started here is stopped and unmounted afterwards, whatever the test
-did to it (`outheisfs umount`, then `fusermount3 -u -z`, then SIGKILL).
+Every test in this folder gets the `mount` marker from here, so that
+`pytest -m "not mount"` is the fast tier (tests/unit). Every server started
+here is stopped and unmounted afterwards, whatever the test did to it
+(`outheisfs umount`, then `fusermount3 -u -z`, then SIGKILL).
 """
 
 from __future__ import annotations
@@ -21,6 +23,14 @@ from typing import Any
 import pytest
 
 PY = sys.executable
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test of this folder `mount` (a conftest sees the whole session's items)."""
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.mount)
 
 
 def outheisfs(
@@ -49,6 +59,29 @@ def wait_for(pred: Any, timeout: float = 5.0, interval: float = 0.01) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {pred}")
         time.sleep(interval)
+
+
+def parked(pid: int) -> bool:
+    """The process is asleep in a request to the mount (the server holds it)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read()
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state in ("S", "D") and wchan not in ("", "0")
+
+
+def read_nonblock(server: Server, name: str) -> bytes | None:
+    """What one non-blocking read of NAME's inbox gives; None if it is empty (EAGAIN)."""
+    fd = os.open(server.agent(name, "inbox"), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return os.read(fd, 1 << 21)
+    except BlockingIOError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def read_one(server: Server, name: str) -> dict[str, Any]:

@@ -23,13 +23,15 @@ import trio
 from outheisfs.parking import Waiter
 from outheisfs.tree import AGENTS_INODE, ROOT_INODE
 
-from .helpers_unit import (
+from .helpers import (
     OpsEnv,
     Token,
+    errno_of,
     fake_readdir_reply,
     make_config,
     make_ops_env,
     replayed,
+    until_parked,
 )
 
 RD, WR, RW, NB = os.O_RDONLY, os.O_WRONLY, os.O_RDWR, os.O_NONBLOCK
@@ -58,12 +60,6 @@ def envs() -> Iterator[list[OpsEnv]]:
 @pytest.fixture
 def env(tmp_path: Path, envs: list[OpsEnv]) -> OpsEnv:
     return make_env(tmp_path, envs)
-
-
-async def fuse_errno(coro: Any) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as e:
-        await coro
-    return int(e.value.errno)
 
 
 async def listing(env: OpsEnv, path: str) -> list[str]:
@@ -96,16 +92,16 @@ async def test_root_listing_and_lookup(env: OpsEnv) -> None:
         a = await env.ops.lookup(ROOT_INODE, name.encode(), env.ctx)
         b = await env.ops.getattr(a.st_ino, env.ctx)
         assert a.st_ino == b.st_ino and a.st_mode == b.st_mode
-    assert await fuse_errno(env.ops.lookup(ROOT_INODE, b"nope", env.ctx)) == errno.ENOENT
-    assert await fuse_errno(env.ops.getattr(999_999, env.ctx)) == errno.ENOENT
+    assert await errno_of(env.ops.lookup(ROOT_INODE, b"nope", env.ctx)) == errno.ENOENT
+    assert await errno_of(env.ops.getattr(999_999, env.ctx)) == errno.ENOENT
 
 
 async def test_agents_listing(env: OpsEnv) -> None:
     assert sorted(await listing(env, "agents")) == ["echo", "notes", "user"]
     for name in ("echo", "notes", "user"):
         assert sorted(await listing(env, f"agents/{name}")) == ["ctl", "inbox", "log", "outbox"]
-    assert await fuse_errno(env.ino("agents/nobody")) == errno.ENOENT
-    assert await fuse_errno(env.ino("agents/echo/nope")) == errno.ENOENT
+    assert await errno_of(env.ino("agents/nobody")) == errno.ENOENT
+    assert await errno_of(env.ino("agents/echo/nope")) == errno.ENOENT
 
 
 async def test_readdir_resumes(env: OpsEnv) -> None:
@@ -141,18 +137,18 @@ async def test_open_access_modes(env: OpsEnv) -> None:
     for path in ("log", "ctl", "agents/echo/log"):
         ino = await env.ino(path)
         for flags in (WR, RW):
-            assert await fuse_errno(env.ops.open(ino, flags, env.ctx)) == errno.EACCES, path
+            assert await errno_of(env.ops.open(ino, flags, env.ctx)) == errno.EACCES, path
         fi = await env.ops.open(ino, RD, env.ctx)
         await env.ops.release(fi.fh)
     ino = await env.ino("agents/echo")
-    assert await fuse_errno(env.ops.open(ino, RD, env.ctx)) == errno.EISDIR
+    assert await errno_of(env.ops.open(ino, RD, env.ctx)) == errno.EISDIR
 
 
 async def test_no_new_files(env: OpsEnv) -> None:
     ino = await env.ino("agents/echo")
-    code = await fuse_errno(env.ops.create(ino, b"new", 0o644, WR | os.O_CREAT, env.ctx))
+    code = await errno_of(env.ops.create(ino, b"new", 0o644, WR | os.O_CREAT, env.ctx))
     assert code in (errno.EACCES, errno.EPERM)
-    assert await fuse_errno(env.ops.unlink(ino, b"inbox", env.ctx)) in (errno.EACCES, errno.EPERM)
+    assert await errno_of(env.ops.unlink(ino, b"inbox", env.ctx)) in (errno.EACCES, errno.EPERM)
 
 
 # -- sending and reading -------------------------------------------------------------
@@ -184,7 +180,7 @@ async def test_one_message_per_read(env: OpsEnv) -> None:
     # The next read acknowledged the previous message: only the last is in flight.
     assert len(env.d.agents["echo"].inflight) == 1
     assert len(env.events("ack")) == 2
-    assert await fuse_errno(env.ops.read(fh, 0, 4096)) == errno.EAGAIN
+    assert await errno_of(env.ops.read(fh, 0, 4096)) == errno.EAGAIN
     await env.ops.release(fh)
     assert env.d.agents["echo"].inflight == {}
 
@@ -209,7 +205,7 @@ async def test_small_reads_get_the_rest(env: OpsEnv, size: int) -> None:
 
 async def test_nonblock_read_empty(env: OpsEnv) -> None:
     fh = await env.open("agents/echo/inbox", RD | NB)
-    assert await fuse_errno(env.ops.read(fh, 0, 4096)) == errno.EAGAIN
+    assert await errno_of(env.ops.read(fh, 0, 4096)) == errno.EAGAIN
     await env.ops.release(fh)
 
 
@@ -223,7 +219,7 @@ async def test_blocked_reader_woken_by_writer(env: OpsEnv) -> None:
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
-            await trio.sleep(0.05)
+            await until_parked(env)
             assert got == [], "an empty inbox blocks the reader"
             await env.write("agents/echo/inbox", b"wake up\n")
     assert json.loads(got[0])["body"] == "wake up"
@@ -232,7 +228,7 @@ async def test_blocked_reader_woken_by_writer(env: OpsEnv) -> None:
 
 async def test_bad_envelope_refuses_the_whole_write(env: OpsEnv) -> None:
     fh = await env.open("agents/echo/inbox", WR)
-    code = await fuse_errno(env.ops.write(fh, 0, b'good\n{"body": 1, "bogus": 2}\n'))
+    code = await errno_of(env.ops.write(fh, 0, b'good\n{"body": 1, "bogus": 2}\n'))
     assert code == errno.EINVAL
     assert env.d.agents["echo"].queued == 0
     assert env.events("message") == []
@@ -257,7 +253,7 @@ async def test_bad_envelope_refuses_the_whole_write(env: OpsEnv) -> None:
     ],
 )
 async def test_bad_lines_einval(env: OpsEnv, data: bytes, why: str) -> None:
-    code = await fuse_errno(env.write("agents/echo/inbox", data))
+    code = await errno_of(env.write("agents/echo/inbox", data))
     assert code == errno.EINVAL
     assert env.d.agents["echo"].queued == 0
     err = last_error(env)
@@ -267,14 +263,14 @@ async def test_bad_lines_einval(env: OpsEnv, data: bytes, why: str) -> None:
 async def test_message_size_limit(tmp_path: Path, envs: list[OpsEnv]) -> None:
     env = make_env(tmp_path, envs, max_message=64)
     assert await env.write("agents/echo/inbox", b"x" * 64 + b"\n") == 65
-    code = await fuse_errno(env.write("agents/echo/inbox", b"ok\n" + b"y" * 65 + b"\n"))
+    code = await errno_of(env.write("agents/echo/inbox", b"ok\n" + b"y" * 65 + b"\n"))
     assert code == errno.EMSGSIZE
     assert env.d.agents["echo"].queued == 1, "nothing of the refused write"
     assert last_error(env)["where"] == "/agents/echo/inbox"
     # Too long before its newline arrives, and across several requests.
     fh = await env.open("agents/echo/inbox", WR)
     assert await env.ops.write(fh, 0, b"z" * 40) == 40
-    assert await fuse_errno(env.ops.write(fh, 40, b"z" * 40)) == errno.EMSGSIZE
+    assert await errno_of(env.ops.write(fh, 40, b"z" * 40)) == errno.EMSGSIZE
     try:
         await env.ops.write(fh, 80, b"zzz-tail\n")
     except pyfuse3.FUSEError:
@@ -288,7 +284,7 @@ async def test_full_inbox_nonblock(tmp_path: Path, envs: list[OpsEnv]) -> None:
     env = make_env(tmp_path, envs, max_queue=2)
     await env.write("agents/echo/inbox", b"1\n2\n")
     fh = await env.open("agents/echo/inbox", WR | NB)
-    assert await fuse_errno(env.ops.write(fh, 0, b"3\n")) == errno.EAGAIN
+    assert await errno_of(env.ops.write(fh, 0, b"3\n")) == errno.EAGAIN
     assert env.d.agents["echo"].queued == 2
     # Room frees up when a message is taken; the same write then succeeds.
     rfh = await env.open("agents/echo/inbox", RD)
@@ -311,7 +307,7 @@ async def test_full_inbox_blocks_writer(tmp_path: Path, envs: list[OpsEnv]) -> N
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
-            await trio.sleep(0.05)
+            await until_parked(env)
             assert done == [], "a full inbox blocks the writer"
             rfh = await env.open("agents/echo/inbox", RD)
             assert (await read_msg(env, rfh))["body"] == "1"
@@ -322,7 +318,7 @@ async def test_full_inbox_blocks_writer(tmp_path: Path, envs: list[OpsEnv]) -> N
 
 
 async def test_unknown_recipient_enoent(env: OpsEnv) -> None:
-    code = await fuse_errno(env.write("agents/echo/outbox", b'{"body": 1, "to": "nobody"}\n'))
+    code = await errno_of(env.write("agents/echo/outbox", b'{"body": 1, "to": "nobody"}\n'))
     assert code == errno.ENOENT
     assert env.events("message") == []
     assert last_error(env)["where"] == "/agents/echo/outbox"
@@ -345,7 +341,7 @@ async def test_outbox_send_and_read(env: OpsEnv) -> None:
 
 
 async def test_reply_through_outbox(env: OpsEnv) -> None:
-    assert await fuse_errno(env.write("agents/echo/outbox", b"pong\n")) == errno.EINVAL
+    assert await errno_of(env.write("agents/echo/outbox", b"pong\n")) == errno.EINVAL
     await env.write("agents/echo/inbox", b"ping\n")
     rfh = await env.open("agents/echo/inbox", RD)
     ping = await read_msg(env, rfh)
@@ -432,7 +428,7 @@ async def test_ctl_priority(env: OpsEnv) -> None:
 
 @pytest.mark.parametrize("line", [b"bogus\n", b"priority urgent\n", b"priority\n"])
 async def test_ctl_bad_command(env: OpsEnv, line: bytes) -> None:
-    assert await fuse_errno(env.write("agents/echo/ctl", line)) == errno.EINVAL
+    assert await errno_of(env.write("agents/echo/ctl", line)) == errno.EINVAL
     err = last_error(env)
     assert err["where"] == "/agents/echo/ctl" and err["who"] == "user"
     assert line.split()[0].decode() in err["why"] or "usage" in err["why"]
@@ -468,33 +464,33 @@ async def test_mkdir_rmdir(env: OpsEnv) -> None:
     assert attr.st_ino == await env.ino("agents/helper")
     assert "helper" in await listing(env, "agents")
     await env.write("agents/helper/inbox", b"job\n")
-    code = await fuse_errno(env.ops.rmdir(AGENTS_INODE, b"helper", env.ctx))
+    code = await errno_of(env.ops.rmdir(AGENTS_INODE, b"helper", env.ctx))
     assert code == errno.ENOTEMPTY
     fh = await env.open("agents/helper/inbox", RD)
     await read_msg(env, fh)
     await env.ops.release(fh)
     await env.ops.rmdir(AGENTS_INODE, b"helper", env.ctx)
     assert "helper" not in await listing(env, "agents")
-    assert await fuse_errno(env.ino("agents/helper")) == errno.ENOENT
-    assert await fuse_errno(env.ops.getattr(attr.st_ino, env.ctx)) == errno.ENOENT
-    code = await fuse_errno(env.ops.rmdir(AGENTS_INODE, b"helper", env.ctx))
+    assert await errno_of(env.ino("agents/helper")) == errno.ENOENT
+    assert await errno_of(env.ops.getattr(attr.st_ino, env.ctx)) == errno.ENOENT
+    code = await errno_of(env.ops.rmdir(AGENTS_INODE, b"helper", env.ctx))
     assert code == errno.ENOENT
     assert [e["op"] for e in env.events("agent")] == ["create", "remove"]
 
 
 async def test_mkdir_errors(env: OpsEnv) -> None:
     for name in (b"echo", b"user"):
-        assert await fuse_errno(env.ops.mkdir(AGENTS_INODE, name, 0o755, env.ctx)) == errno.EEXIST
+        assert await errno_of(env.ops.mkdir(AGENTS_INODE, name, 0o755, env.ctx)) == errno.EEXIST
     for name in (b"Bad", b"-x", b"x" * 65, b"a b"):
-        code = await fuse_errno(env.ops.mkdir(AGENTS_INODE, name, 0o755, env.ctx))
+        code = await errno_of(env.ops.mkdir(AGENTS_INODE, name, 0o755, env.ctx))
         assert code == errno.EINVAL, name
-    code = await fuse_errno(env.ops.mkdir(ROOT_INODE, b"other", 0o755, env.ctx))
+    code = await errno_of(env.ops.mkdir(ROOT_INODE, b"other", 0o755, env.ctx))
     assert code in (errno.EPERM, errno.EACCES)
     assert sorted(await listing(env, "agents")) == ["echo", "notes", "user"]
 
 
 async def test_user_cannot_be_removed(env: OpsEnv) -> None:
-    await fuse_errno(env.ops.rmdir(AGENTS_INODE, b"user", env.ctx))
+    await errno_of(env.ops.rmdir(AGENTS_INODE, b"user", env.ctx))
     assert "user" in await listing(env, "agents")
 
 
@@ -502,7 +498,7 @@ async def test_removed_agent_open_file(env: OpsEnv) -> None:
     await env.ops.mkdir(AGENTS_INODE, b"temp", 0o755, env.ctx)
     ino = await env.ino("agents/temp/inbox")
     await env.ops.rmdir(AGENTS_INODE, b"temp", env.ctx)
-    assert await fuse_errno(env.ops.open(ino, WR, env.ctx)) == errno.ENOENT
+    assert await errno_of(env.ops.open(ino, WR, env.ctx)) == errno.ENOENT
 
 
 # -- details that shell tools rely on ------------------------------------------------
@@ -527,7 +523,7 @@ async def test_truncate_to_zero(env: OpsEnv) -> None:
     size = len(await env.read_all("log"))
     for path in ("log", "agents/echo/log"):
         ino = await env.ino(path)
-        code = await fuse_errno(env.ops.setattr(ino, attr, fields(size=True), None, env.ctx))
+        code = await errno_of(env.ops.setattr(ino, attr, fields(size=True), None, env.ctx))
         assert code in (errno.EACCES, errno.EPERM), path
     assert len(await env.read_all("log")) == size
 
@@ -558,7 +554,7 @@ async def test_competing_consumers(env: OpsEnv) -> None:
     b = await env.open("agents/echo/inbox", RD | NB)
     await env.write("agents/echo/inbox", b"only one\n")
     assert (await read_msg(env, a))["body"] == "only one"
-    assert await fuse_errno(env.ops.read(b, 0, 4096)) == errno.EAGAIN
+    assert await errno_of(env.ops.read(b, 0, 4096)) == errno.EAGAIN
     await env.write("agents/echo/inbox", b"next\n")
     assert (await read_msg(env, b))["body"] == "next"
     assert len(env.d.agents["echo"].inflight) == 2
@@ -569,15 +565,15 @@ async def test_competing_consumers(env: OpsEnv) -> None:
 
 async def test_blocked_reader_interrupted(env: OpsEnv, monkeypatch: pytest.MonkeyPatch) -> None:
     fh = await env.open("agents/echo/inbox", RD)
-    codes: list[int] = []
+    codes: list[int | None] = []
 
     async def reader() -> None:
-        codes.append(await fuse_errno(env.ops.read(fh, 0, 4096)))
+        codes.append(await errno_of(env.ops.read(fh, 0, 4096)))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(env.ops.files.parking.run)
         nursery.start_soon(reader)
-        await trio.sleep(0.05)
+        await until_parked(env)
         with monkeypatch.context() as m:
             m.setattr(Waiter, "signalled", lambda self: True)
             with trio.fail_after(0.2):  # promptly [SPEC §4.3]
@@ -598,15 +594,15 @@ async def test_blocked_writer_interrupted(
     await env.write("agents/echo/inbox", b"1\n")
     fh = await env.open("agents/echo/inbox", WR)
     assert await env.ops.write(fh, 0, b"2") == 1
-    codes: list[int] = []
+    codes: list[int | None] = []
 
     async def writer() -> None:
-        codes.append(await fuse_errno(env.ops.write(fh, 1, b"\n")))
+        codes.append(await errno_of(env.ops.write(fh, 1, b"\n")))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(env.ops.files.parking.run)
         nursery.start_soon(writer)
-        await trio.sleep(0.05)
+        await until_parked(env)
         assert codes == [], "a full inbox blocks the writer"
         with monkeypatch.context() as m:
             m.setattr(Waiter, "signalled", lambda self: True)
@@ -659,9 +655,9 @@ async def test_an_agent_has_at_most_max_waiting_requests_parked(
         nursery.start_soon(env.ops.files.parking.run)
         nursery.start_soon(reader, fhs[0])
         nursery.start_soon(reader, fhs[1])
-        await trio.sleep(0.05)
+        await until_parked(env, 2)
         assert env.ops.files.waiting == {"echo": 2}
-        assert await fuse_errno(env.ops.read(fhs[2], 0, 4096)) == errno.ENOBUFS
+        assert await errno_of(env.ops.read(fhs[2], 0, 4096)) == errno.ENOBUFS
         assert last_error(env)["errno"] == "ENOBUFS" and "max_waiting" in last_error(env)["why"]
         assert env.events("deliver") == [], "the refused read took nothing"
         del env.ops.procs.labels[os.getpid()]  # the operator sends; it is not limited
@@ -684,7 +680,7 @@ async def test_an_agent_holds_at_most_max_unfinished_bytes_of_unterminated_lines
     a, b = [await env.open("agents/echo/outbox", WR) for _ in range(2)]
     assert await env.ops.write(a, 0, b"x" * 60) == 60
     assert env.ops.files.unfinished == {"echo": 60}
-    assert await fuse_errno(env.ops.write(b, 0, b"y" * 50)) == errno.ENOBUFS
+    assert await errno_of(env.ops.write(b, 0, b"y" * 50)) == errno.ENOBUFS
     assert last_error(env)["errno"] == "ENOBUFS" and "max 100" in last_error(env)["why"]
     assert env.ops.files.unfinished == {"echo": 60}, "the refused bytes are not kept"
     await env.ops.release(a)  # its line goes (and is refused: nothing in flight to answer)
@@ -714,10 +710,10 @@ async def test_a_flush_while_a_write_waits_counts_the_line_once(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(env.ops.files.parking.run)
         nursery.start_soon(env.ops.write, fh, 0, b"line1\npartial")  # waits for room
-        await trio.sleep(0.05)
+        await until_parked(env)
         assert env.ops.files.unfinished == {"echo": 7}
         nursery.start_soon(env.ops.flush, fh)  # a copy closed: the line goes too
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # the flush waits for the write
         del env.ops.procs.labels[os.getpid()]
         rd = await env.open("agents/notes/inbox", RD)
         bodies: list[str] = []
@@ -734,6 +730,6 @@ async def test_a_flush_while_a_write_waits_counts_the_line_once(
 
 async def test_a_lone_surrogate_in_a_body_is_einval_with_an_event(env: OpsEnv) -> None:
     line = b'{"body": "\\ud800"}\n'
-    assert await fuse_errno(env.write("agents/echo/inbox", line)) == errno.EINVAL
+    assert await errno_of(env.write("agents/echo/inbox", line)) == errno.EINVAL
     assert "surrogate" in last_error(env)["why"]
     assert env.events("message") == [] and env.d.agents["echo"].queued == 0

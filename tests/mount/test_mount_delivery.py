@@ -11,31 +11,17 @@ import time
 
 import pytest
 
-from .conftest import Server, read_one, sh, wait_for
-
-pytestmark = pytest.mark.mount
+from .conftest import Server, parked, read_one, sh, wait_for
 
 
 def deliveries(server: Server) -> list[tuple[str, int]]:
     return [(e["id"], e["attempt"]) for e in server.events("deliver")]
 
 
-def parked(pid: int) -> bool:
-    """The process is asleep in a read of the mount (waiting for our reply)."""
-    try:
-        with open(f"/proc/{pid}/wchan") as f:
-            wchan = f.read()
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state in ("S", "D") and wchan not in ("", "0")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_blocked_cat_dies_promptly_and_takes_nothing(mounted: Server, sig: int) -> None:
     with subprocess.Popen(["cat", str(mounted.agent("echo", "inbox"))]) as cat:
-        time.sleep(0.5)
+        wait_for(lambda: parked(cat.pid))
         assert cat.poll() is None
         t0 = time.monotonic()
         cat.send_signal(sig)
@@ -51,7 +37,10 @@ def test_python_reader_gets_eintr_runs_its_handler_and_retries(mounted: Server) 
     code = f"""
 import os, signal, sys, time
 hits = []
-signal.signal(signal.SIGUSR1, lambda *a: hits.append(time.monotonic()))
+def hit(*a):
+    hits.append(time.monotonic())
+    print("hit", flush=True)
+signal.signal(signal.SIGUSR1, hit)
 print("ready", flush=True)
 fd = os.open({str(mounted.agent("echo", "inbox"))!r}, os.O_RDONLY)
 data = os.read(fd, 4096)   # PEP 475: retried after the handler ran
@@ -60,9 +49,10 @@ print(len(hits), data.decode().strip(), flush=True)
     with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as p:
         assert p.stdout is not None
         assert p.stdout.readline().strip() == "ready"
-        time.sleep(0.5)
+        wait_for(lambda: parked(p.pid))
         p.send_signal(signal.SIGUSR1)
-        time.sleep(0.4)  # handler has run; the read is parked again
+        assert p.stdout.readline().strip() == "hit"  # the read gave way to the handler
+        wait_for(lambda: parked(p.pid))  # and is parked again
         assert p.poll() is None
         mounted.send("echo", "late")
         out = p.stdout.readline().split(" ", 1)
@@ -82,7 +72,6 @@ os.read(fd, 10)
     for _ in range(5):
         with subprocess.Popen([sys.executable, "-c", code]) as p:
             wait_for(lambda p=p: parked(p.pid), timeout=5)
-            time.sleep(0.15)
             t0 = time.monotonic()
             p.send_signal(signal.SIGINT)
             p.wait(timeout=5)

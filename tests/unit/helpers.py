@@ -1,6 +1,6 @@
 """Helpers for the fast tier: tests below FUSE, nothing mounted, no subprocesses.
 
-Not a conftest: these are imported explicitly (`from .helpers_unit import ...`).
+Not a conftest: these are imported explicitly (`from .helpers import ...`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pyfuse3
 import pytest
+import trio
+import trio.testing
 
 from outheisfs import dispatcher as dispatcher_mod
 from outheisfs import eventlog as eventlog_mod
@@ -210,3 +213,23 @@ def make_ops_env(state: Path, config: Config | None = None) -> OpsEnv:
     d, log = open_dispatcher(state, config)
     ops = Operations(d, log, ProcEvents())
     return OpsEnv(state, config, d, log, ops, Ctx())
+
+
+async def errno_of(request: Any) -> int | None:
+    """The errno a handler call is refused with; None if it succeeds."""
+    try:
+        await request
+    except pyfuse3.FUSEError as e:
+        return int(e.errno)
+    return None
+
+
+async def until_parked(env: OpsEnv, n: int = 1) -> None:
+    """Wait until `n` requests are parked (on an empty inbox or for room), all
+    other tasks being blocked: a deterministic wait, not a sleep."""
+    with trio.fail_after(5):
+        while True:
+            await trio.testing.wait_all_tasks_blocked()
+            if sum(env.ops.files.waiting.values()) >= n:
+                return
+            await trio.sleep(0.001)

@@ -38,7 +38,7 @@ from outheisfs.supervisor import (
     should_restart,
 )
 
-from .helpers_unit import make_config, open_dispatcher, read_events
+from .helpers import make_config, open_dispatcher, read_events
 
 # Raw waitpid statuses.
 EXIT0 = 0

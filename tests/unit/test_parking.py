@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import trio
+import trio.testing
 
 from outheisfs.parking import Parking, Waiter, pending
 
@@ -56,13 +57,18 @@ async def test_park_returns_true_when_woken_and_false_when_signalled() -> None:
                 results.append(await parking.park(lot, p.pid))
 
             nursery.start_soon(park)
-            await trio.sleep(0.3)
+            await trio.testing.wait_all_tasks_blocked()
+            looked = parking.statistics()[1]
+            with trio.fail_after(5):
+                while parking.statistics()[1] < looked + 3:
+                    await trio.sleep(0.01)
             assert results == []  # waits, also across several looks
             lot.unpark_all()
-            await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
             assert results == [True]
             nursery.start_soon(park)
-            await trio.sleep(0.05)
+            await trio.testing.wait_all_tasks_blocked()
+            assert parking.statistics()[0] == 1
             p.kill()  # gone: the wait ends within a look or two
             p.wait()
             with trio.fail_after(0.5):

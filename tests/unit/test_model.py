@@ -42,7 +42,7 @@ from outheisfs.procevents import ProcEvents
 from outheisfs.procinfo import PF_EXITING, Stat
 from outheisfs.tree import AGENTS_INODE, ROOT_INODE
 
-from .helpers_unit import Ctx, make_config, read_events, snapshot
+from .helpers import Ctx, errno_of, make_config, read_events, snapshot
 
 SOAK = int(os.environ.get("OUTHEISFS_SOAK", "0"))
 CONFIGS = {  # by max_attempts: with 1, the first failure buries a message
@@ -367,7 +367,7 @@ class Server:
             exiting = Stat("R", 1, 0, PF_EXITING, exit_code)
             setattr(self.ops.files, "_opener_stat", lambda h: exiting)  # noqa: B010
         try:
-            err = await fuse_errno(self.ops.flush(fh))
+            err = await errno_of(self.ops.flush(fh))
         finally:
             if exit_code is not None:
                 delattr(self.ops.files, "_opener_stat")
@@ -386,14 +386,6 @@ class Server:
             await self.close(fh, None)
         self.log.close()
         self.procs.close()
-
-
-async def fuse_errno(coro: Any) -> int | None:
-    try:
-        await coro
-    except pyfuse3.FUSEError as e:
-        return int(e.errno)
-    return None
 
 
 def queued(d: Dispatcher, name: str) -> list[tuple[Any, ...]]:
@@ -439,7 +431,7 @@ async def step(server: Server, model: Model, op: tuple[Any, ...]) -> Server:
     elif kind == "write" and (ws := [w for w in model.writers if (w.agent, w.outbox) == op[3]]):
         w = ws[op[1] % len(ws)]
         want = model.write(w, op[2])
-        got = await fuse_errno(server.ops.write(w.fh, 0, op[2]))
+        got = await errno_of(server.ops.write(w.fh, 0, op[2]))
         assert got == want, (op, got, want)
     elif kind == "close_writer" and model.writers:
         w = model.writers[op[1] % len(model.writers)]
@@ -464,7 +456,7 @@ async def step(server: Server, model: Model, op: tuple[Any, ...]) -> Server:
         assert await server.close(r.fh, op[2]) is None
     elif kind == "ctl":
         if op[1] not in model.agents:
-            with_err = await fuse_errno(server.open(f"agents/{op[1]}/ctl", os.O_WRONLY))
+            with_err = await errno_of(server.open(f"agents/{op[1]}/ctl", os.O_WRONLY))
             assert with_err == errno.ENOENT
             return server
         await ctl(server, model, op[1], op[2])
@@ -479,7 +471,7 @@ async def step(server: Server, model: Model, op: tuple[Any, ...]) -> Server:
             model.priority[op[1]] = "normal"
         if want:
             model.errors.append(errno.errorcode[want])
-        got = await fuse_errno(server.ops.mkdir(AGENTS_INODE, op[1].encode(), 0o755, server.ctx))
+        got = await errno_of(server.ops.mkdir(AGENTS_INODE, op[1].encode(), 0o755, server.ctx))
         assert got == want
     elif kind == "rmdir":
         name = op[1]
@@ -496,7 +488,7 @@ async def step(server: Server, model: Model, op: tuple[Any, ...]) -> Server:
             model.dead.pop(name, None)
         if want:
             model.errors.append(errno.errorcode[want])
-        got = await fuse_errno(server.ops.rmdir(AGENTS_INODE, name.encode(), server.ctx))
+        got = await errno_of(server.ops.rmdir(AGENTS_INODE, name.encode(), server.ctx))
         assert got == want
     elif kind == "restart":
         server = await restart(server, model, clean=op[1])
@@ -509,11 +501,11 @@ async def read(server: Server, model: Model, r: Reader, size: int) -> None:
     if r.held is not None:  # the next read acknowledges the one before
         r.held = None
     if r.agent not in model.agents:
-        assert await fuse_errno(server.ops.read(r.fh, 0, size)) == errno.ENOENT
+        assert await errno_of(server.ops.read(r.fh, 0, size)) == errno.ENOENT
         return
     m = model.head(r.agent)
     if m is None:
-        assert await fuse_errno(server.ops.read(r.fh, 0, size)) == errno.EAGAIN
+        assert await errno_of(server.ops.read(r.fh, 0, size)) == errno.EAGAIN
         return
     model.queue(r.agent).remove(m)
     m.attempt += 1
@@ -566,7 +558,7 @@ async def ctl(server: Server, model: Model, name: str, commands: list[str]) -> N
         model.errors.append(errno.errorcode[want])
     fh = await server.open(f"agents/{name}/ctl", os.O_WRONLY)
     data = "".join(c + "\n" for c in text).encode()
-    got = await fuse_errno(server.ops.write(fh, 0, data))
+    got = await errno_of(server.ops.write(fh, 0, data))
     await server.ops.release(fh)
     assert got == want, (text, got)
 

@@ -35,14 +35,21 @@ from typing import Any
 
 import pytest
 
-from .conftest import PY, Server, _alive, outheisfs, sh, take, wait_for
+from .conftest import PY, Server, _alive, outheisfs, parked, read_nonblock, sh, take, wait_for
 
 TEXT: dict[str, Any] = {"capture_output": True, "text": True, "timeout": 30}
 
-pytestmark = pytest.mark.mount
-
 WRITER = Path(__file__).parent / "agents" / "numbered_writer.py"
 SOAK = int(os.environ.get("OUTHEISFS_SOAK", "0"))
+
+
+def holds_open(pid: int, path: str) -> bool:
+    """The process has `path` open."""
+    fds = f"/proc/{pid}/fd"
+    try:
+        return any(os.readlink(f"{fds}/{fd}") == path for fd in os.listdir(fds))
+    except OSError:
+        return False
 
 
 def one_round(server: Server, writers: int, rng: random.Random) -> dict[str, int]:
@@ -51,6 +58,9 @@ def one_round(server: Server, writers: int, rng: random.Random) -> dict[str, int
         subprocess.Popen([PY, str(WRITER), inbox, f"w{k}"], stdout=subprocess.PIPE, text=True)
         for k in range(writers)
     ]
+    # Each writer has the inbox open before the random moment of the kill (a
+    # loaded machine may take longer than that to start Python).
+    wait_for(lambda: all(holds_open(p.pid, inbox) for p in procs), timeout=30)
     time.sleep(rng.uniform(0.1, 0.6))
     server.kill9()
     acked: set[str] = set()
@@ -118,7 +128,7 @@ def test_server_death_frees_every_waiting_client_and_the_next_mount_works(
             ["bash", "-c", f"echo waits for room > {full_inbox}"], stderr=subprocess.DEVNULL
         ),
     ]
-    time.sleep(0.5)
+    wait_for(lambda: all(parked(p.pid) for p in waiting))
     assert all(p.poll() is None for p in waiting), "they wait"
     server.kill9()
     t0 = time.monotonic()
@@ -180,18 +190,6 @@ time.sleep(60)
 }
 
 
-def nothing_more(server: Server, name: str) -> bool:
-    """The inbox is empty: a non-blocking read says EAGAIN."""
-    fd = os.open(server.agent(name, "inbox"), os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        os.read(fd, 1 << 21)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def take_all(server: Server, name: str) -> list[dict[str, Any]]:
     """Every queued message, read whole however long (one open file, non-blocking)."""
     out: list[dict[str, Any]] = []
@@ -235,7 +233,7 @@ def test_writer_killed_between_two_halves_of_a_line_delivers_nothing_of_it(
         time.sleep(0.3)  # time for a late close to show up, if one were to
         (msg,) = take(server, "sink", 1)
         assert msg["body"] == "whole line", sig
-        assert nothing_more(server, "sink"), sig
+        assert read_nonblock(server, "sink") is None, sig
     assert not any("half" in str(b) for b in logged_bodies(server))
 
 
@@ -313,7 +311,7 @@ def test_unterminated_line_of_a_writer_not_killed_is_one_message(server: Server)
     expected = [body for _, _, body in writers]
     got = [m["body"] for m in take(server, "sink", len(expected))]
     assert got == expected
-    assert nothing_more(server, "sink")
+    assert read_nonblock(server, "sink") is None
     assert server.events("error") == []
 
 
@@ -621,6 +619,6 @@ def test_torn_last_record_is_cut_and_every_earlier_message_is_served(server: Ser
                 assert r.returncode == 0, r.stderr
                 got.append(json.loads(r.stdout)["body"])
             assert got == earlier, what
-            assert nothing_more(server, "sink"), what
+            assert read_nonblock(server, "sink") is None, what
         finally:
             server.umount()
