@@ -18,8 +18,6 @@ import pytest
 
 from .conftest import Server, read_one
 
-pytestmark = pytest.mark.mount
-
 NOBODY_UID = 65534
 
 

@@ -15,8 +15,6 @@ import pytest
 
 from .conftest import PY, Server, outheisfs, read_one, wait_for
 
-pytestmark = pytest.mark.mount
-
 # Sends the kernel's process-events connector group a made-up event, then tries
 # to read what only the operator (or bob) may: prints OK or the errno's name.
 FORGE = r"""
