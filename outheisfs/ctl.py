@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from . import events
 from .config import PRIORITIES
 from .dispatcher import Agent, Dispatcher
-from .errors import BadInput, NotPermitted
+from .errors import BadInput, NotFound, NotPermitted
 from .models import is_id
 from .names import OPERATOR
 from .procevents import ProcEvents
@@ -32,9 +32,10 @@ COMMANDS: dict[str, tuple[int, int, str]] = {
     "kill": (0, 0, "kill"),
     "unveil": (2, 2, "unveil PATH r|w|rw|-"),
     "bind": (0, 0, "bind"),
+    "take": (1, 1, "take ID"),
 }
 SUPERVISOR = {"start", "stop", "restart", "kill"}
-OPERATOR_ONLY = SUPERVISOR | {"priority", "bind"}  # commands only the operator may give
+OPERATOR_ONLY = SUPERVISOR | {"priority", "bind", "take"}  # commands only the operator may give
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ def parse(line: str) -> Command:
             raise BadInput(f"unveil: {path!r} is not an absolute path in the mount")
         if perms not in ("r", "w", "rw", "-"):
             raise BadInput(f"unveil: permissions {perms!r} are not r, w, rw or -; usage: {usage}")
-    if name == "ack" and args and not is_id(args[0]):
+    if name in ("ack", "take") and args and not is_id(args[0]):
         raise BadInput(f"{args[0]!r} is not a message id")
     return Command(name, args)
 
@@ -181,6 +182,10 @@ class Commands:
                 raise NotPermitted(f"only {name} and the operator acknowledge its messages")
             if cmd.args and cmd.args[0] not in self.d.agents[name].inflight:
                 raise BadInput(f"ack: {cmd.args[0]} is not in flight for {name}")
+        elif cmd.name == "take":
+            msg = self.d.messages.get(cmd.args[0])
+            if msg is None or msg.to != name or msg.id in self.d.agents[name].inflight:
+                raise NotFound(f"take: {cmd.args[0]} is not queued for {name}")
 
     async def _execute(
         self,
@@ -206,3 +211,7 @@ class Commands:
                 return  # acknowledged by an earlier command of the same write
             drop_held(name, one)
             self.d.ack_all(name, who, one)
+        elif cmd.name == "take":
+            msg = self.d.messages.get(cmd.args[0])
+            if msg is not None and msg.id not in self.d.agents[name].inflight:
+                self.d.take_id(name, msg.id, who)  # else taken by an earlier command

@@ -282,6 +282,18 @@ class Dispatcher:
         self.record([events.deliver(name, msg.id, msg.delivered + 1)])
         return msg
 
+    def take_id(self, name: str, msg_id: str, who: str) -> Message:
+        """Take one queued message of NAME's inbox, whichever its place: delivered and
+        acknowledged at once (the operator's ctl `take ID`, used by `outheisfs ask`)."""
+        self.agent(name)
+        msg = self.messages.get(msg_id)
+        if msg is None or msg.to != name or msg.state == INFLIGHT:
+            raise NotFound(f"take: {msg_id} is not queued for {name}")
+        self.record(
+            [events.deliver(name, msg_id, msg.delivered + 1), events.ack(name, msg_id, who)]
+        )
+        return msg
+
     def ack(self, msg: Message, who: str) -> None:
         if self.messages.get(msg.id) is msg and msg.state == INFLIGHT:
             self.record([events.ack(msg.to, msg.id, who)])

@@ -86,6 +86,7 @@ class Handle:
     poll: PollHandle | None = None
     dropped: bool = False  # writer killed by a signal: its unterminated line is void
     counted: int = 0  # bytes of its unterminated line counted against `max_unfinished`
+    sent: tuple[str, ...] = ()  # ids of the messages of its last write, see `sent_by`
     # Lines of one open file are sent in the order written, even when a flush
     # comes while a write waits for room.
     sending: trio.Lock = field(default_factory=trio.Lock)
@@ -479,7 +480,18 @@ class OpenFiles:
             self.d.deliver(planned)
         except UnicodeEncodeError:  # a "\ud800" escape in JSON: nothing was logged
             raise BadInput("body holds a lone surrogate: not Unicode text") from None
+        h.sent = tuple(ev["id"] for ev in planned)
         await self.log.durable()
+
+    def sent_by(self, inode: int, tid: int) -> bytes | None:
+        """The ids of the last write of the caller's own open file of this inbox or
+        outbox (its `user.outheisfs.sent`): how a program learns the ids the server
+        gave its messages. None if the caller has no such file."""
+        pid = procinfo.tgid(tid)
+        for h in reversed(list(self.handles.values())):
+            if h.node.inode == inode and h.sent and (h.tid == tid or h.pid == pid):
+                return " ".join(h.sent).encode()
+        return None
 
     def _check_routes(self, owner: str, planned: list[Event]) -> None:
         """Sending through an outbox obeys the sender's send rights; a reply to a

@@ -30,7 +30,7 @@ from .ctl import Commands
 from .dispatcher import Dispatcher
 from .errors import Busy, NotPermitted, OutheisError
 from .eventlog import EventLog
-from .names import OPERATOR, XATTR_PID
+from .names import OPERATOR, XATTR_PID, XATTR_SENT
 from .openfile import Handle, OpenFiles
 from .procevents import ProcEvents
 from .procstate import Processes
@@ -234,10 +234,15 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        """The root's XATTR_PID is the server's pid (for `outheisfs umount`);
-        every other attribute is ENODATA."""
+        """The root's XATTR_PID is the server's pid (for `outheisfs umount`); an
+        inbox's or outbox's XATTR_SENT the ids of the caller's last write to it
+        (for `outheisfs ask`); every other attribute is ENODATA."""
         if inode == ROOT_INODE and name == XATTR_PID:
             return str(os.getpid()).encode()
+        if name == XATTR_SENT:
+            sent = self.files.sent_by(inode, ctx.pid)
+            if sent is not None:
+                return sent
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     @handler
