@@ -194,13 +194,21 @@ class EventLog:
         self._pending: list[tuple[Iterable[str], bytes]] = []  # lines not yet in their streams
         self._pending_bytes = 0
         self._broken: str | None = None
+        self._progress: Callable[[int, int], None] | None = None
         self.mtime_ns = time.time_ns()
 
     # -- opening and replay ------------------------------------------------------------
 
-    def open(self, apply: Callable[[Event], None], until: int | None = None) -> ReplayReport:
-        """Check the log, repair a torn tail, replay every event into `apply`."""
+    def open(
+        self,
+        apply: Callable[[Event], None],
+        until: int | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ReplayReport:
+        """Check the log, repair a torn tail, replay every event into `apply`;
+        `progress(bytes read, bytes in all)` is called now and then."""
         report = ReplayReport()
+        self._progress = progress
         if self.readonly:
             if not self.path.exists():
                 return report
@@ -276,8 +284,11 @@ class EventLog:
         lineno = 0
         expected = 1
         catch_up = not self.readonly
+        progress = self._progress
         for raw in f:
             lineno += 1
+            if progress is not None and not lineno & 0x3FFF:
+                progress(offset, size)
             last = offset + len(raw) >= size
             if not raw.endswith(b"\n"):
                 report.torn = (offset, len(raw))

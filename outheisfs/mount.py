@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .names import XATTR_PID
 from .ops import Operations
 from .procevents import ProcEvents
 from .procstate import Processes
+from .progress import Progress
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -122,14 +124,18 @@ def lock_state(state: Path) -> int:
 
 
 def recover(
-    config: Config, state: Path, durability: str, mountpoint: Path
+    config: Config,
+    state: Path,
+    durability: str,
+    mountpoint: Path,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Dispatcher, EventLog]:
     """What every start does: replay the log (cutting a torn tail), install the
     config, record the mount, and queue again what was in flight [SPEC §5]."""
     elog = EventLog(state, durability)
     d = Dispatcher(config, elog)
     try:
-        report = elog.open(d.apply)
+        report = elog.open(d.apply, progress=progress)
     except LogDamaged as e:
         raise MountError(f"event log refused: {e}") from None
     except OSError as e:
@@ -156,7 +162,7 @@ async def serve(opts: Options, ready: Ready) -> None:
     check_mountpoint(opts.mountpoint)
     lock_fd = lock_state(opts.state)
     procinfo.raise_nofile()
-    d, elog = recover(opts.config, opts.state, opts.durability, opts.mountpoint)
+    d, elog = recover(opts.config, opts.state, opts.durability, opts.mountpoint, ready.progress)
     procs = ProcEvents()
     table = Processes(opts.config)
     ops = Operations(d, elog, procs, table)
@@ -210,8 +216,21 @@ class Ready:
 
     def __init__(self, fd: int | None) -> None:
         self.fd = fd
+        self.line = Progress("mount: replaying the event log")  # in the foreground
+
+    def progress(self, done: int, total: int) -> None:
+        """How far start-up has read the log: to the waiting `mount`, whose
+        terminal shows it; a foreground server shows it itself."""
+        if self.fd is None:
+            self.line.update(done, total, "bytes")
+            return
+        try:
+            os.write(self.fd, f"progress {done} {total}\n".encode())
+        except OSError:
+            pass
 
     def _send(self, text: str) -> None:
+        self.line.done()
         if self.fd is None:
             return
         try:
@@ -258,8 +277,14 @@ def start_background(argv: list[str], state: Path) -> int:
     )
     os.close(w)
     logf.close()
+    line = Progress("mount: replaying the event log")
     with os.fdopen(r, "rb") as f:
         answer = f.readline().decode().strip()
+        while answer.startswith("progress "):
+            done, total = answer.split()[1:3]
+            line.update(int(done), int(total), "bytes")
+            answer = f.readline().decode().strip()
+    line.done()
     if answer == "ok":
         return 0
     if answer:

@@ -547,12 +547,14 @@ def render(figs: list[Figure], info: dict[str, Any], quick: bool) -> str:
 def main(quick: bool, as_json: bool) -> int:
     s = Settings.make(quick)
 
-    def progress(text: str) -> None:
-        if not as_json:
-            print(f"  ... {text}", file=sys.stderr, flush=True)
+    from .progress import Progress
 
+    line = Progress("bench")  # on a terminal only
     info = machine()
-    figs = measure(s, progress)
+    try:
+        figs = measure(s, line.show)
+    finally:
+        line.done()
     if as_json:
         print(json.dumps({"machine": info, "quick": quick, "figures": [asdict(f) for f in figs]}))
     else:
