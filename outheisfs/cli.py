@@ -50,16 +50,55 @@ def build_parser() -> Parser:
     b = sub.add_parser("bench", help="measure against a minimal pyfuse3 filesystem")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--json", action="store_true")
+
+    t = sub.add_parser("top", help="live view of the agents of a mount")
+    t.add_argument("mountpoint", nargs="?", default="mount")
+    t.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+
+    tr = sub.add_parser("trace", help="the events of one message and its replies")
+    tr.add_argument("id")
+    where = tr.add_mutually_exclusive_group()
+    where.add_argument("--state", type=Path, help="read STATE/events.jsonl (default ./.outheis)")
+    where.add_argument("--mount", help="read the mount's log")
+    tr.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("ask", help="send as the operator and print the reply")
+    a.add_argument("name")
+    a.add_argument("body", nargs="*", help="the message (default: standard input)")
+    a.add_argument("--mount", default="mount")
+    a.add_argument("--timeout", type=float, default=30.0)
+    a.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("completion", help="print a shell completion script")
+    c.add_argument("shell", choices=["bash"])
     return p
+
+
+COMMANDS = {
+    "mount", "umount", "run", "replay", "bench", "top", "trace", "ask", "completion",
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from . import helper
+
+    if helper.is_helper_call(argv, COMMANDS | {"-h", "--help"}):
+        try:  # `mount -t fuse.outheisfs CONFIG MOUNTPOINT -o state=DIR`
+            argv = helper.mount_argv(argv)
+        except helper.HelperError as e:
+            print(f"outheisfs: {e}", file=sys.stderr)
+            return 2
     command: list[str] = []
     if argv[:1] == ["run"] and "--" in argv:  # what follows `--` is the command, untouched
         cut = argv.index("--")
         argv, command = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "ask" and not any(w.startswith("-") for w in extra):
+        args.body = args.body + extra  # words of BODY after an option
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "run":
         args.cmd = args.cmd + command
     try:
@@ -69,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             "replay": cmd_replay,
             "run": cmd_run,
             "bench": cmd_bench,
+            "top": cmd_top,
+            "trace": cmd_trace,
+            "ask": cmd_ask,
+            "completion": cmd_completion,
         }[args.command]
         return handler(args)
     except ConfigError as e:
@@ -132,13 +175,73 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args.quick, args.json)
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    from .top import TopError, main
+
+    try:
+        return main(Path(args.mountpoint).absolute(), args.interval)
+    except TopError as e:
+        print(f"outheisfs: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from .models import is_id
+    from .trace import as_json, follow, render
+
+    if not is_id(args.id):
+        print(f"outheisfs: trace: {args.id!r} is not a message id", file=sys.stderr)
+        return 2
+    path = (
+        Path(args.mount) / "log"
+        if args.mount
+        else (args.state or Path(".outheis")) / "events.jsonl"
+    )
+    try:
+        with open(path, "rb") as f:
+            root = follow(f, args.id)
+    except OSError as e:
+        print(f"outheisfs: trace: {path}: {e.strerror}", file=sys.stderr)
+        return 1
+    if root is None:
+        print(f"outheisfs: trace: no message {args.id} in {path}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(as_json(root), ensure_ascii=False))
+    else:
+        print("\n".join(render(root)))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .ask import AskError, main
+
+    try:
+        return main(Path(args.mount).absolute(), args.name, args.body, args.timeout, args.json)
+    except AskError as e:
+        print(f"outheisfs: {e}", file=sys.stderr)
+        return e.status
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from .completion import BASH
+
+    sys.stdout.write(BASH)
+    return 0
+
+
 def replay_state(state: Path, until: int | None) -> dict[str, Any]:
     """The state as of the end of the log (or of event `until`), for printing."""
     from .config import Config
+    from .progress import Progress
 
     elog = EventLog(state, readonly=True)
     d = Dispatcher(Config(), None)
-    report = elog.open(d.apply, until)
+    line = Progress("replay")  # on a terminal only
+    try:
+        report = elog.open(d.apply, until, lambda done, total: line.update(done, total, "bytes"))
+    finally:
+        line.done()
     agents: dict[str, Any] = {}
     for name, a in sorted(d.agents.items()):
         agents[name] = {
