@@ -406,7 +406,10 @@ def _live(source: Source, mp: Path, interval: float, live_cls: Any) -> int:
             snap = source.snapshot()
             next_tick = time.monotonic() + interval
             while True:
-                w, h = console.size
+                # The terminal's own size, not COLUMNS and LINES of the environment
+                # (rich prefers those, and they do not follow a resize).
+                w, h = os.get_terminal_size(sys.stdout.fileno())
+                console.size = (w, h)
                 key = SORT_KEYS[key_i]
                 live.update(frame(snap, mp, source.host, w, h, key, reverse), refresh=True)
                 wait = max(0.0, next_tick - time.monotonic())
