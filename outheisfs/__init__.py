@@ -3,7 +3,12 @@
 How the package fits together (one concept per module; each uses only the
 modules listed below it, and `bench` stands apart):
 
-    cli         the `outheisfs` command: mount, umount, run, replay, bench
+    cli         the `outheisfs` command: mount, umount, run, replay, bench, ...
+    helper      `outheisfs CONFIG MOUNTPOINT -o ...`, as `mount -t fuse.outheisfs` runs it
+    top         `outheisfs top`: the live view, drawn with rich, from the mount alone
+    trace       `outheisfs trace`: one message and its replies, in one pass over the log
+    ask         `outheisfs ask`: send as the operator, take exactly the reply
+    completion  the bash completion script
     mount       the server's life: checks, replay, mount, serve, clean stop
     run         `outheisfs run`: a command bound to an agent
     ops         the pyfuse3 adapter: one documented handler per FUSE request
@@ -29,6 +34,7 @@ modules listed below it, and `bench` stands apart):
     confine     the seccomp filter agent processes run under
     procinfo    what /proc says about a process; exit statuses in words
     names       the names every module agrees on (operator, nobody, pid xattr)
+    progress    a progress line on a terminal
     errors      domain errors and their errno
     bench       `outheisfs bench`, with `bench.floor` (the minimal pyfuse3
                 filesystem it compares with) and `bench.redisref` (the
