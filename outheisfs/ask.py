@@ -67,10 +67,10 @@ def wait_reply(log: int, offset: int, msg_id: str, deadline: float) -> dict[str,
     needle = f'"reply_to":"{msg_id}"'.encode()
     rest = b""
     while True:
+        if time.monotonic() >= deadline:
+            return None
         chunk = os.pread(log, 1 << 20, offset)
         if not chunk:
-            if time.monotonic() >= deadline:
-                return None
             time.sleep(POLL)
             continue
         offset += len(chunk)

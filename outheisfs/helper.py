@@ -27,12 +27,15 @@ class HelperError(Exception):
 
 
 def is_helper_call(argv: list[str], commands: set[str]) -> bool:
-    """`outheisfs SOURCE MOUNTPOINT ...`: two operands and no subcommand first."""
+    """`outheisfs SOURCE MOUNTPOINT -o OPTIONS`: two operands, no subcommand first, and
+    options (mount.fuse3 always passes some); anything else is left to the parser, so
+    that a mistyped command gets its usual error."""
     return (
-        len(argv) >= 2
+        len(argv) >= 3
         and argv[0] not in commands
         and not argv[0].startswith("-")
         and not argv[1].startswith("-")
+        and any(a == "-o" or a.startswith("-o") for a in argv[2:])
     )
 
 

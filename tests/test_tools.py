@@ -139,8 +139,9 @@ def test_mount_helper_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     assert os.environ["PATH"] == helper.DEFAULT_PATH  # mount(8) gives helpers none
     none = helper.mount_argv(["none", "/m", "-o", "state=/s,durability=disk,x-systemd.after=a"])
     assert none == ["mount", "/m", "--durability", "disk", "--state", "/s"]
-    assert not helper.is_helper_call(["mount", "x"], {"mount"})
+    assert not helper.is_helper_call(["mount", "x", "-o", "y"], {"mount"})
     assert not helper.is_helper_call(["x"], {"mount"})
+    assert not helper.is_helper_call(["mout", "mnt"], {"mount"})  # a typo: argparse says so
 
 
 @pytest.mark.parametrize(
@@ -295,3 +296,14 @@ def test_completion_of_names_and_ids_from_a_mount(tmp_path: Path) -> None:
     assert complete(["outheisfs", "run", ""], env) == ["echo", "user"]
     assert complete(["outheisfs", "trace", ""], env) == [a, b]
     assert a in complete(["outheisfs", "trace", "--json", "--mount", str(tmp_path), a[:-1]])
+
+
+def test_trace_refuses_a_bad_id_and_a_missing_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from outheisfs import cli
+
+    assert cli.main(["trace", "nonsense"]) == 2
+    assert capsys.readouterr().err == "outheisfs: trace: 'nonsense' is not a message id\n"
+    assert cli.main(["trace", new_id(), "--state", str(tmp_path)]) == 1
+    assert "No such file or directory" in capsys.readouterr().err
