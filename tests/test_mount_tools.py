@@ -354,8 +354,8 @@ restart_window = 60.0
         tmux("resize-window", "-t", "t", "-x", "150")
         # q ends it, and the terminal is as it was (canonical mode back, main screen).
         tmux("send-keys", "-t", "t", "q")
-        screen = tmux.wait(lambda s: re.search(r"^EXIT=\d+$", s, re.M))
-        assert "\nEXIT=0\n" in screen and screen.count("\nicanon") == 2, screen
+        screen = tmux.wait(lambda s: re.search(r"^EXIT=\d+\n-?icanon$", s, re.M))
+        assert "\nEXIT=0\nicanon\n" in screen, screen  # not -icanon: cbreak undone
         assert "AGENT" not in screen
         # Ctrl-C as well.
         tmux.type(
@@ -363,8 +363,8 @@ restart_window = 60.0
         )
         tmux.wait(lambda s: "AGENT" in s)
         tmux("send-keys", "-t", "t", "C-c")
-        screen = tmux.wait(lambda s: re.search(r"^EXIT2=\d+$", s, re.M))
-        assert "\nEXIT2=0\n" in screen and screen.count("\nicanon") == 3, screen
+        screen = tmux.wait(lambda s: re.search(r"^EXIT2=\d+\n-?icanon$", s, re.M))
+        assert "\nEXIT2=0\nicanon\n" in screen, screen
     finally:
         stop.set()
         writer.join()
@@ -568,3 +568,15 @@ def test_progress_on_a_terminal_only(server: Server) -> None:
     server.umount()
     r = server.mount()
     assert r.stderr == ""
+
+
+def test_completion_names_agents_of_a_real_mount(team: Server) -> None:
+    from .test_tools import complete
+
+    assert sorted(complete(["outheisfs", "ask", "--mount", str(team.mp), ""])) == [
+        "box", "echo", "user",
+    ]  # fmt: skip
+    env = {**os.environ, "OUTHEIS_MOUNT": str(team.mp)}
+    r = ask(team, "--json", "echo", "x")
+    question = json.loads(r.stdout)["reply_to"]
+    assert question in complete(["outheisfs", "trace", question[:20]], env)
