@@ -307,3 +307,22 @@ def test_trace_refuses_a_bad_id_and_a_missing_log(
     assert capsys.readouterr().err == "outheisfs: trace: 'nonsense' is not a message id\n"
     assert cli.main(["trace", new_id(), "--state", str(tmp_path)]) == 1
     assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`outheisfs trace ID | head -n 1`: no traceback when the reader goes."""
+    import sys
+
+    root = new_id()
+    lines = [_msg(1, 0.0, root, "user", "many")]
+    lines += [_msg(i, 1.0, new_id(), "many", "user", root) for i in range(2, 3000)]
+    (tmp_path / "events.jsonl").write_bytes(b"".join(lines))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "outheisfs", "trace", root, "--state", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stdout is not None
+    p.stdout.close()  # before it writes: every write fails with EPIPE
+    _, err = p.communicate(timeout=60)
+    assert (p.returncode, err) == (141, b"")
