@@ -18,9 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .eventlog import decode
-from .models import dumps
-
 XATTR_PID = "user.outheisfs.pid"
 XATTR_SENT = "user.outheisfs.sent"
 ENVELOPE = ("id", "seq", "from", "to", "ts", "priority", "body", "reply_to", "attempt")
@@ -39,7 +36,7 @@ def line_of(text: str) -> bytes:
     if text.endswith("\n"):
         text = text[:-1]
     if "\n" in text or "\r" in text or not text.strip():
-        text = dumps({"body": text})
+        text = json.dumps({"body": text}, separators=(",", ":"), ensure_ascii=False)
     return text.encode() + b"\n"
 
 
@@ -79,7 +76,7 @@ def wait_reply(log: int, offset: int, msg_id: str, deadline: float) -> dict[str,
         for raw in lines:
             if needle not in raw:
                 continue
-            ev = decode(raw + b"\n")
+            ev = json.loads(raw)
             reply = ev.get("type") == "message" and ev.get("reply_to") == msg_id
             if reply and ev.get("to") == "user":
                 return dict(ev)

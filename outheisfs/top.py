@@ -11,6 +11,7 @@ read in cbreak mode and the terminal is restored on every way out.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
@@ -28,8 +29,6 @@ from typing import Any
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
-
-from .eventlog import decode
 
 WINDOW = 5.0  # seconds over which rates are averaged
 NOT_AGENTS = {"server", "-"}
@@ -166,7 +165,7 @@ class Source:
 
     def _note(self, raw: bytes) -> dict[str, Any] | None:
         try:
-            ev = decode(raw + b"\n")
+            ev = json.loads(raw)
         except ValueError:
             return None
         if not isinstance(ev, dict):
@@ -190,7 +189,7 @@ class Source:
                 head = raw[:80]
                 if b'"type":"message"' in head:
                     try:
-                        ev = decode(raw + b"\n")
+                        ev = json.loads(raw)
                     except ValueError:
                         continue
                     c.messages += 1
