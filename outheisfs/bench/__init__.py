@@ -547,7 +547,7 @@ def render(figs: list[Figure], info: dict[str, Any], quick: bool) -> str:
 def main(quick: bool, as_json: bool) -> int:
     s = Settings.make(quick)
 
-    from .progress import Progress
+    from ..progress import Progress
 
     line = Progress("bench")  # on a terminal only
     info = machine()

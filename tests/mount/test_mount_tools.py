@@ -23,9 +23,7 @@ from outheisfs.models import is_id
 
 from .conftest import PY, Server, _alive, outheisfs, read_one, wait_for
 
-pytestmark = pytest.mark.mount
-
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ECHO = ROOT / "examples" / "agents" / "echo.py"
 BIN = Path(sys.executable).parent  # the environment's bin/, with the outheisfs script
 
@@ -571,7 +569,7 @@ def test_progress_on_a_terminal_only(server: Server) -> None:
 
 
 def test_completion_names_agents_of_a_real_mount(team: Server) -> None:
-    from .test_tools import complete
+    from ..unit.test_tools import complete
 
     assert sorted(complete(["outheisfs", "ask", "--mount", str(team.mp), ""])) == [
         "box", "echo", "user",
