@@ -202,16 +202,16 @@ def test_trace_a_question_and_its_reply(team: Server) -> None:
 
 
 class Tmux:
-    """A private tmux server (its own socket), one window running bash."""
+    """A private tmux server (its own socket, in the test's folder), one window running bash."""
 
-    def __init__(self, width: int, height: int) -> None:
-        self.sock = f"outheisfs-test-{os.getpid()}-{time.monotonic_ns()}"
+    def __init__(self, sock: Path, width: int, height: int) -> None:
+        self.sock = str(sock)
         self("new-session", "-d", "-s", "t", "-x", str(width), "-y", str(height))
         self("set-option", "-t", "t", "status", "off")
 
     def __call__(self, *args: str) -> str:
         r = subprocess.run(
-            ["tmux", "-L", self.sock, *args], capture_output=True, text=True, timeout=10
+            ["tmux", "-S", self.sock, *args], capture_output=True, text=True, timeout=10
         )
         assert r.returncode == 0, r.stderr
         return r.stdout
@@ -238,14 +238,14 @@ class Tmux:
         return found[0]
 
     def close(self) -> None:
-        subprocess.run(["tmux", "-L", self.sock, "kill-server"], capture_output=True)
+        subprocess.run(["tmux", "-S", self.sock, "kill-server"], capture_output=True)
 
 
 @pytest.fixture
-def tmux() -> Iterator[Tmux]:
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
     if shutil.which("tmux") is None:
         pytest.fail("tmux is not installed (the CI setup installs it)")
-    t = Tmux(150, 30)
+    t = Tmux(tmp_path / "tmux.sock", 150, 30)
     try:
         yield t
     finally:
