@@ -36,7 +36,7 @@ from typing import TypeVar
 
 import trio
 
-from . import events, flows
+from . import events, flows, procinfo
 from .config import AgentConfig
 from .confine import installer
 from .dispatcher import Dispatcher
@@ -435,7 +435,7 @@ class Supervisor:
         """Explicit acks: what the instance held unacked is delivered again; its
         death spends an attempt, unless the supervisor stopped it."""
         stopped = self.stopping_label(inst.label)
-        why = "stopped by the supervisor" if stopped else _how(status)
+        why = "stopped by the supervisor" if stopped else procinfo.explain(status)
         for msg in list(self.d.agents[runner.name].inflight.values()):
             if msg.instance == inst.index:
                 self.d.retry(msg, f"reader {why}", counted=not stopped, attempt=msg.delivered)
@@ -527,12 +527,6 @@ class Supervisor:
         labels = set(self.procs.labels.values())
         await self._end_tree(labels)
         self._reap()
-
-
-def _how(status: int) -> str:
-    if status & 0x7F:
-        return f"killed by signal {status & 0x7F}"
-    return f"exited with status {status >> 8}"
 
 
 def _signal(pids: set[int], sig: int) -> None:
