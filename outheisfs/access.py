@@ -130,7 +130,8 @@ class Access:
                 self._denied[who] = (tokens, now, dropped + 1)
                 return
             self._denied[who] = (tokens - 1, now, 0)
-            self.d.note(events.denied(who, op, where, e.reason, dropped))
+            code = errno.errorcode.get(e.errno, str(e.errno))
+            self.d.note(events.denied(who, op, where, e.reason, dropped, code))
             return
         if e.errno not in QUIET:
             self.d.note(events.error(where, e.errno, e.reason, who))

@@ -21,6 +21,7 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 Priority = Literal["interactive", "normal", "background"]
 Restart = Literal["permanent", "transient", "temporary"]
 Durability = Literal["process", "disk"]
+AckMode = Literal["auto", "explicit"]
 Perms = Literal["r", "w", "rw"]
 PRIORITIES: tuple[Priority, ...] = ("interactive", "normal", "background")
 
@@ -41,6 +42,11 @@ class AgentConfig(BaseModel):
     send: list[str] = Field(default_factory=list)
     unveil: dict[str, Perms] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
+    # Workflows: how messages are acknowledged, and what may be held for how long.
+    ack: AckMode = "auto"
+    max_inflight: int = Field(default=20, ge=1, le=100_000)  # explicit: held at once
+    ack_wait: float = Field(default=600.0, ge=0)  # explicit: seconds held unacked; 0 = forever
+    cooldown: float = Field(default=60.0, ge=0)  # failed: seconds before a start; 0 = never
 
     @field_validator("command")
     @classmethod

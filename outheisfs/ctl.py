@@ -8,10 +8,11 @@ methods; `bind` labels the writing process as the agent.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import events
+from . import events, flows
 from .config import PRIORITIES
 from .dispatcher import Agent, Dispatcher
 from .errors import BadInput, NotFound, NotPermitted
@@ -33,7 +34,14 @@ COMMANDS: dict[str, tuple[int, int, str]] = {
     "unveil": (2, 2, "unveil PATH r|w|rw|-"),
     "bind": (0, 0, "bind"),
     "take": (1, 1, "take ID"),
+    "nack": (1, 2, "nack ID [SECONDS]"),
+    "term": (2, 1 << 16, "term ID REASON"),
+    "progress": (1, 1, "progress ID"),
+    "requeue": (1, 1, "requeue ID|all"),
+    "purge": (1, 1, "purge ID|all"),
 }
+HOLDING = {"ack", "nack", "term", "progress"}  # commands about a message held in flight
+DEAD = {"requeue", "purge"}  # commands about dead letters
 SUPERVISOR = {"start", "stop", "restart", "kill"}
 OPERATOR_ONLY = SUPERVISOR | {"priority", "bind", "take"}  # commands only the operator may give
 
@@ -66,8 +74,17 @@ def parse(line: str) -> Command:
             raise BadInput(f"unveil: {path!r} is not an absolute path in the mount")
         if perms not in ("r", "w", "rw", "-"):
             raise BadInput(f"unveil: permissions {perms!r} are not r, w, rw or -; usage: {usage}")
-    if name in ("ack", "take") and args and not is_id(args[0]):
-        raise BadInput(f"{args[0]!r} is not a message id")
+    if name in HOLDING | {"take"} and args and not is_id(args[0]):
+        raise BadInput(f"{args[0]!r} is not a message id; usage: {usage}")
+    if name in DEAD and args[0] != "all" and not is_id(args[0]):
+        raise BadInput(f"{args[0]!r} is neither a message id nor 'all'; usage: {usage}")
+    if name == "nack" and len(args) == 2:
+        try:
+            delay = float(args[1])
+        except ValueError:
+            delay = -1.0
+        if not 0 <= delay <= 86400 * 365:
+            raise BadInput(f"nack: {args[1]!r} is not a delay in seconds; usage: {usage}")
     return Command(name, args)
 
 
@@ -102,6 +119,15 @@ def agent_status(agent: Agent, proc: ProcState) -> str:
             ("restart_window", str(ac.restart_window)),
             ("env", ",".join(f"{k}={v}" for k, v in ac.env.items()) or "-"),
         ]
+    rows += [
+        ("ack", ac.ack if ac else "auto"),
+        ("delayed", str(len(agent.delayed))),
+        ("dead_letters", str(len(agent.dead_letters))),
+    ]
+    if ac is not None and ac.ack == "explicit":
+        rows += [("max_inflight", str(ac.max_inflight)), ("ack_wait", f"{ac.ack_wait:g}")]
+    if proc.state == "failed":
+        rows.append(("next_start", proc.next_start or "-"))
     return "".join(f"{k} {v}\n" for k, v in rows)
 
 
@@ -155,11 +181,21 @@ class Commands:
         except UnicodeDecodeError:
             raise BadInput("command is not UTF-8 text") from None
         for cmd in commands:  # all or nothing: every command is checked first
-            self.check(who, name, cmd)
+            self.check(who, name, cmd, writer)
         for cmd in commands:
             await self._execute(who, name, cmd, writer, drop_held)
 
-    def check(self, who: str, name: str, cmd: Command) -> None:
+    def instance(self, pid: int, name: str) -> int | None:
+        """Which supervised instance of NAME the process `pid` belongs to, if any."""
+        label = self.procs.label_of(pid) if pid else None
+        if label is None or "#" not in label:
+            return None
+        agent, _, index = label.partition("#")
+        return int(index) if agent == name and index.isdigit() else None
+
+    def check(
+        self, who: str, name: str, cmd: Command, writer: Callable[[], int] | None = None
+    ) -> None:
         if cmd.name in OPERATOR_ONLY and who != OPERATOR:
             raise NotPermitted(f"{cmd.name}: only the operator may do this")
         if cmd.name in SUPERVISOR:
@@ -177,11 +213,24 @@ class Commands:
                     raise NotPermitted(f"unveil: {e}") from None
             elif who != OPERATOR:
                 raise NotPermitted("unveil: only the agent itself (to narrow) and the operator")
-        elif cmd.name == "ack":
+        elif cmd.name in HOLDING:
             if who not in (name, OPERATOR):
                 raise NotPermitted(f"only {name} and the operator acknowledge its messages")
-            if cmd.args and cmd.args[0] not in self.d.agents[name].inflight:
-                raise BadInput(f"ack: {cmd.args[0]} is not in flight for {name}")
+            agent = self.d.agents[name]
+            if cmd.name != "ack" and not flows.explicit(agent):
+                raise BadInput(f'{cmd.name}: {name} acknowledges by reading (ack = "auto")')
+            if cmd.args:
+                pid = writer() if writer is not None and who != OPERATOR else 0
+                try:
+                    flows.held(self.d, name, cmd.args[0], self.instance(pid, name), who != OPERATOR)
+                except BadInput as e:
+                    raise BadInput(f"{cmd.name}: {e.reason}") from None
+        elif cmd.name in DEAD:
+            if who not in (name, OPERATOR):
+                raise NotPermitted(f"only {name} and the operator handle its dead letters")
+            one = cmd.args[0]
+            if one != "all" and one not in self.d.agents[name].dead_letters:
+                raise BadInput(f"{cmd.name}: {one} is not a dead letter of {name}")
         elif cmd.name == "take":
             msg = self.d.messages.get(cmd.args[0])
             if msg is None or msg.to != name or msg.id in self.d.agents[name].inflight:
@@ -215,3 +264,20 @@ class Commands:
             msg = self.d.messages.get(cmd.args[0])
             if msg is not None and msg.id not in self.d.agents[name].inflight:
                 self.d.take_id(name, msg.id, who)  # else taken by an earlier command
+        elif cmd.name in ("nack", "term", "progress"):
+            msg = self.d.agents[name].inflight.get(cmd.args[0])
+            if msg is None:
+                return  # settled by an earlier command of the same write
+            now = time.time()
+            if cmd.name == "nack":
+                delay = float(cmd.args[1]) if len(cmd.args) > 1 else 0.0
+                flows.nack(self.d, msg, who, delay, now)
+            elif cmd.name == "term":
+                flows.bury(self.d, msg, "term: " + " ".join(cmd.args[1:]), who)
+            else:
+                flows.progress(self.d, msg, who, now)
+        elif cmd.name in DEAD:
+            one = None if cmd.args[0] == "all" else cmd.args[0]
+            if one is not None and one not in self.d.agents[name].dead_letters:
+                return
+            getattr(flows, cmd.name)(self.d, name, one, who)

@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import events
+from . import events, flows
 from .config import AgentConfig, Config, valid_name
 from .errors import BadInput, Busy, Exists, NotEmpty, NotFound, TooBig
 from .events import Event
 from .inbox import Inbox
-from .models import INFLIGHT, Draft, Message, new_id, parse_ts
+from .models import DEAD, INFLIGHT, QUEUED, Draft, Message, new_id, parse_ts
 from .names import OPERATOR
 from .views import HIDE, View, config_grants, normalize
 
@@ -41,6 +41,8 @@ class Agent:
     priority: str
     inbox: Inbox
     inflight: dict[str, Message] = field(default_factory=dict)
+    delayed: dict[str, Message] = field(default_factory=dict)  # nacked with a delay
+    dead_letters: dict[str, Message] = field(default_factory=dict)
     delivered: int = 0
     dead: int = 0
     origin: str = "config"  # config | mkdir | message (created by a message to it)
@@ -58,6 +60,11 @@ class Dispatcher:
         self.agents: dict[str, Agent] = {}
         self.messages: dict[str, Message] = {}  # pending: queued or in flight
         self.seq = 0
+        # Reply rights [SPEC §15]: message id -> (who received it, its sender), for
+        # the last RECEIVED deliveries; and the instances ack_wait took messages from.
+        self.received: dict[str, tuple[str, str]] = {}
+        self.taken_back: dict[str, set[int | None]] = {}
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
         # Told of every event applied live (not in replay), after it is applied.
         self.listeners: list[Callable[[Event], None]] = []
         self._add(OPERATOR, None, "builtin")
@@ -116,11 +123,18 @@ class Dispatcher:
         elif kind == "deliver":
             msg = self.messages[ev["id"]]
             agent = self.agents[msg.to]
-            agent.inbox.taken(msg)
+            if agent.delayed.pop(msg.id, None) is None:
+                agent.inbox.taken(msg)
             msg.state = INFLIGHT
             msg.delivered = ev["attempt"]
+            msg.pid = ev.get("pid", 0)
+            msg.instance = ev.get("instance")
+            msg.deadline = ev.get("deadline", 0.0)
             agent.inflight[msg.id] = msg
             agent.delivered += 1
+            pair = (msg.to, msg.sender)
+            pair = self._pairs.setdefault(pair, pair)  # one tuple per pair, not per message
+            flows.remember(self.received, msg.id, pair, flows.RECEIVED)
         elif kind == "ack":
             msg = self.messages.pop(ev["id"])
             del self.agents[msg.to].inflight[msg.id]
@@ -128,11 +142,21 @@ class Dispatcher:
             msg = self.messages[ev["id"]]
             agent = self.agents[msg.to]
             del agent.inflight[msg.id]
+            if ev.get("counted") is False:  # the reader was stopped: not its failure
+                msg.delivered -= 1
+            if ev.get("reason") == "ack_wait":
+                flows.remember(self.taken_back, msg.id, {msg.instance}, flows.TAKEN_BACK, True)
             agent.inbox.push(msg)
         elif kind == "dead":
             msg = self.messages.pop(ev["id"])
             agent = self.agents[msg.to]
-            agent.inflight.pop(msg.id, None)
+            held = agent.inflight.pop(msg.id, None) or agent.delayed.pop(msg.id, None)
+            if held is None and msg.state == QUEUED:
+                agent.inbox.taken(msg)
+            msg.state = DEAD
+            msg.reason = ev.get("reason", "")
+            msg.delivered = ev.get("attempts", msg.delivered)
+            agent.dead_letters[msg.id] = msg
             agent.dead += 1
         elif kind == "agent":
             if ev["op"] == "create":
@@ -146,7 +170,7 @@ class Dispatcher:
             # message, leave.
             current = ev.get("agents", {})
             for name, agent in list(self.agents.items()):
-                idle = not agent.queued and not agent.inflight
+                idle = not agent.queued and not agent.inflight and not agent.delayed
                 if agent.origin == "config" and name not in current and idle:
                     del self.agents[name]
             for name, prio in current.items():
@@ -169,6 +193,8 @@ class Dispatcher:
             started = self.agents.get(ev["agent"])
             if started is not None:
                 started.grants = config_grants(self.config, started.name)
+        elif kind in flows.EVENTS:
+            flows.apply(self, ev)
 
     def _unveiled(self, agent: Agent, who: str, path: str, perms: str) -> dict[str, str]:
         if who == agent.name:
@@ -224,6 +250,8 @@ class Dispatcher:
                 targets = d.to
             elif default_to is not None:
                 targets = [default_to]
+            elif reply_to is not None:  # a reply to a message it received, at any time
+                targets = [flows.reply_target(self, sender, reply_to)]
             else:
                 msg = self._held(src, reply_to, held)
                 targets, reply_to = [msg.sender], msg.id
@@ -271,15 +299,26 @@ class Dispatcher:
         """Log message events (room already checked)."""
         self.record(messages)
 
-    def take(self, name: str) -> Message | None:
+    def take(
+        self, name: str, pid: int = 0, instance: int | None = None, now: float | None = None
+    ) -> Message | None:
         """Put the next message of NAME's inbox in flight and return it, or None
-        if the inbox is empty. Which one is next depends on the time (aging):
-        the `deliver` event names it, so a replay takes the same one."""
+        if the inbox is empty. Which one is next depends on the time (aging, nack
+        delays): the `deliver` event names it, so a replay takes the same one. It
+        carries the reader (`pid`, `instance`) and, with explicit acks, the
+        absolute `deadline` of ack_wait."""
         agent = self.agents[name]
-        msg = agent.inbox.peek(time.time())
+        now = time.time() if now is None else now
+        msg = flows.due(agent, now) or agent.inbox.peek(now)
         if msg is None:
             return None
-        self.record([events.deliver(name, msg.id, msg.delivered + 1)])
+        ev = events.deliver(name, msg.id, msg.delivered + 1)
+        ev["pid"] = pid
+        ev["instance"] = instance
+        ac = agent.config
+        if ac is not None and ac.ack == "explicit" and ac.ack_wait:
+            ev["deadline"] = round(now + ac.ack_wait, 6)
+        self.record([ev])
         return msg
 
     def take_id(self, name: str, msg_id: str, who: str) -> Message:
@@ -309,11 +348,20 @@ class Dispatcher:
         self.record(events.ack(name, i, who) for i in ids)
         return len(ids)
 
-    def retry(self, msg: Message, reason: str) -> None:
-        """The holder of `msg` died abnormally: queue it again, or bury it."""
+    def retry(
+        self, msg: Message, reason: str, counted: bool = True, attempt: int | None = None
+    ) -> None:
+        """The holder of `msg` died abnormally: queue it again, or bury it. Not
+        `counted` (the supervisor stopped the reader): queued again, no attempt spent."""
         if self.messages.get(msg.id) is not msg or msg.state != INFLIGHT:
             return
-        if msg.delivered >= self.config.max_attempts:
+        if attempt is not None and msg.delivered != attempt:
+            return  # delivered again since: another reader holds it
+        if not counted:
+            ev = events.redeliver(msg.to, msg.id, msg.delivered, reason)
+            ev["counted"] = False
+            self.record([ev])
+        elif msg.delivered >= self.config.max_attempts:
             self.record([events.dead(msg.to, msg.id, msg.delivered, reason)])
         else:
             self.record([events.redeliver(msg.to, msg.id, msg.delivered + 1, reason)])
@@ -321,8 +369,10 @@ class Dispatcher:
     def requeue_inflight(self) -> None:
         """After replay: what was in flight when the server stopped is delivered again."""
         for agent in list(self.agents.values()):
+            explicit = agent.config is not None and agent.config.ack == "explicit"
             for msg in list(agent.inflight.values()):
-                self.retry(msg, "server restarted while in flight")
+                # Explicit acks: the holder did not fail, the server stopped.
+                self.retry(msg, "server restarted while in flight", counted=not explicit)
 
     def mkdir(self, name: str, who: str) -> Agent:
         if not valid_name(name):
@@ -336,8 +386,7 @@ class Dispatcher:
         agent = self.agent(name)
         if name == OPERATOR:
             raise Busy("the operator's mailbox 'user' cannot be removed")
-        if agent.queued or agent.inflight:
-            raise NotEmpty(
-                f"agent {name!r} has {agent.queued + len(agent.inflight)} pending messages"
-            )
+        pending = agent.queued + len(agent.inflight) + len(agent.delayed)
+        if pending:
+            raise NotEmpty(f"agent {name!r} has {pending} pending messages")
         self.record([events.agent("remove", name, who)])

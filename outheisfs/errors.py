@@ -103,6 +103,12 @@ class NotLogged(OutheisError):
         self.errno = errno_
 
 
+class Stale(OutheisError):
+    """An ack of a message that was taken back (`ack_wait`) from the acker."""
+
+    errno = errno.ESTALE
+
+
 class LogDamaged(Exception):
     """The event log is damaged before its end: refuse to start."""
 

@@ -61,11 +61,19 @@ def concerned(ev: Event) -> set[str]:
 
 
 def streams_of(ev: Event) -> list[str]:
-    if ev.get("type") == "denied":
+    kind = ev.get("type")
+    if kind == "denied":
         # Only in the main log: an agent reading its own log must not learn which
-        # hidden names exist from which of its attempts were refusals.
-        return []
+        # hidden names exist from which of its attempts were refusals. Its `errors`
+        # file has the refusals of paths it sees (EACCES), not of hidden ones.
+        who = ev.get("who")
+        visible = isinstance(who, str) and who not in NOT_AGENTS and ev.get("errno") == "EACCES"
+        return [f"{who}.errors"] if visible else []
     out = [f"{name}.log" for name in concerned(ev)]
+    if kind == "error":
+        who = ev.get("who")
+        if isinstance(who, str) and who not in NOT_AGENTS:
+            out.append(f"{who}.errors")
     if ev.get("type") == "message":
         out.append(f"{ev['from']}.outbox")
     return out
@@ -109,7 +117,7 @@ def decode(raw: bytes) -> Any:
     return json.loads(raw)
 
 
-_DECIDING = ("type", "agent", "from", "who", "to")  # all that streams_of looks at
+_DECIDING = ("type", "agent", "from", "who", "to", "errno")  # all that streams_of looks at
 _ABSENT = object()
 
 
@@ -122,7 +130,14 @@ def _streams_by(key: tuple[Any, ...]) -> tuple[str, ...]:
 def _streams(ev: Event) -> Iterable[str]:
     """`streams_of(ev)`, remembered: the same few agents recur in every event."""
     get = ev.get
-    key = (get("type"), get("agent", _ABSENT), get("from", _ABSENT), get("who", _ABSENT), get("to"))
+    key = (
+        get("type"),
+        get("agent", _ABSENT),
+        get("from", _ABSENT),
+        get("who", _ABSENT),
+        get("to"),
+        get("errno", _ABSENT),
+    )
     if all(type(v) is str or v is None or v is _ABSENT for v in key):
         return _streams_by(key)
     # A list of recipients, or a hand-edited event: 1, 1.0 and True are equal keys.

@@ -117,10 +117,14 @@ def error(where: str, code: int | str, why: str, who: str = SERVER) -> Event:
     return {"type": "error", "who": who, "where": where, "errno": name, "why": why}
 
 
-def denied(who: str, op: str, path: str, why: str, unlogged: int = 0) -> Event:
+def denied(
+    who: str, op: str, path: str, why: str, unlogged: int = 0, code: str = "EACCES"
+) -> Event:
     """A path used beyond the caller's view or rights; `unlogged`: how many
-    refusals before this one were left out by the rate limit."""
+    refusals before this one were left out by the rate limit; `code`: ENOENT
+    (hidden) or EACCES (seen, beyond its rights)."""
     ev: Event = {"type": "denied", "who": who, "op": op, "path": path, "why": why}
+    ev["errno"] = code
     if unlogged:
         ev["unlogged"] = unlogged
     return ev

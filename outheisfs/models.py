@@ -114,7 +114,7 @@ def json_value(v: Any) -> str:
 
 # -- a message in the system ---------------------------------------------------------
 
-QUEUED, INFLIGHT = 0, 1
+QUEUED, INFLIGHT, DELAYED, DEAD = 0, 1, 2, 3
 
 
 @dataclass(slots=True, eq=False)
@@ -133,6 +133,13 @@ class Message:
     delivered: int = 0  # deliveries so far; the next one is attempt delivered + 1
     state: int = QUEUED
     gen: int = 0  # bumped on every enqueue, so stale heap entries are recognised
+    # Of the delivery in force (logged in its `deliver` event): who read it, and
+    # until when it may be held without ack or progress (explicit acks; 0: forever).
+    pid: int = 0
+    instance: int | None = None
+    deadline: float = 0.0
+    due: float = 0.0  # nacked with a delay: not delivered before this time
+    reason: str = ""  # a dead letter: why it died
 
     def line(self) -> bytes:
         """The line a reader gets [SPEC §4.1]."""

@@ -188,6 +188,7 @@ async def serve(opts: Options, ready: Ready) -> None:
 
             nursery.start_soon(fuse_main)
             nursery.start_soon(ops.files.parking.run)
+            nursery.start_soon(ops.files.timers)
             await nursery.start(procs.run)
             await trio.to_thread.run_sync(os.stat, opts.mountpoint / "ctl")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:

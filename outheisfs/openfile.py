@@ -23,13 +23,14 @@ from __future__ import annotations
 import errno
 import logging
 import select
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
 
-from . import procinfo
+from . import flows, procinfo
 from .access import Access
 from .ctl import Commands
 from .dispatcher import Agent, Dispatcher
@@ -47,7 +48,7 @@ from .errors import (
 from .eventlog import EventLog
 from .events import Event
 from .lines import LineBuffer
-from .models import Message, parse_line
+from .models import INFLIGHT, Message, parse_line
 from .names import OPERATOR
 from .parking import Parking
 from .procevents import ProcEvents
@@ -57,6 +58,7 @@ from .views import View
 log = logging.getLogger(__name__)
 
 CLOSE_GRACE = 0.5  # seconds a reader that closed may still fail its message
+TIMER_TICK = 0.25  # seconds between looks at ack_wait deadlines and nack delays
 READABLE = select.POLLIN | select.POLLRDNORM
 WRITABLE = select.POLLOUT | select.POLLWRNORM
 
@@ -82,6 +84,10 @@ class Handle:
     start: int = 0
     msg: Message | None = None  # inbox: the message this file holds in flight
     rest: bytes = b""  # inbox: what the reader's buffer did not take of it
+    # inbox, explicit acks: what was read through it (and at which attempt); the
+    # reader's abnormal death gives these back, closing does not.
+    taken: list[tuple[Message, int]] = field(default_factory=list)
+    instance: int | None = None  # inbox: the reader's supervised instance (-1: none)
     snapshot: bytes | None = None  # ctl: status as of open
     poll: PollHandle | None = None
     dropped: bool = False  # writer killed by a signal: its unterminated line is void
@@ -136,13 +142,17 @@ class OpenFiles:
         self._pollers: dict[str, set[PollHandle]] = {}
         d.listeners.append(self._applied)
 
+    async def timers(self) -> None:
+        await _timers_loop(self)
+
     # -- wake-ups -------------------------------------------------------------------------
 
     def _applied(self, ev: Event) -> None:
         kind = ev["type"]
         if kind == "message":
             self._wake_readers(ev["to"])
-        elif kind == "redeliver":
+        elif kind in ("redeliver", "requeue", "nack", "ack", "dead"):
+            # A message back in the queue, or room under max_inflight.
             self._wake_readers(ev["agent"])
         elif kind == "deliver":
             lot = self._room.get(ev["agent"])
@@ -174,7 +184,7 @@ class OpenFiles:
             lines=LineBuffer(self.d.config.max_message),
         )
         if read and node.row.read is Read.STATUS:
-            h.snapshot = self.commands.status(node.agent)
+            h.snapshot = self._status(node)
         fh = next(self.fhs)
         self.handles[fh] = h
         return fh
@@ -185,8 +195,13 @@ class OpenFiles:
         if row.read is Read.STREAM:
             return self.log.size(row.stream_of(node.agent))
         if row.read is Read.STATUS:
-            return len(self.commands.status(node.agent))
+            return len(self._status(node))
         return 0
+
+    def _status(self, node: Node) -> bytes:
+        if node.row.kind is Kind.DEAD:
+            return flows.dead_lines(self.d.agents[str(node.agent)])
+        return self.commands.status(node.agent)
 
     async def read(self, h: Handle, off: int, size: int) -> bytes:
         row = h.node.row
@@ -259,7 +274,7 @@ class OpenFiles:
 
     async def flush(self, h: Handle) -> None:
         """A descriptor of the open file was closed (the file may stay open)."""
-        if not (h.msg is not None or h.lines.partial):
+        if not (h.msg is not None or h.lines.partial or h.taken):
             return
         try:
             await self._flush(h)
@@ -273,6 +288,8 @@ class OpenFiles:
             code = st.exit_code
             if h.msg is not None:
                 self._settle_now(h, code)
+            if h.taken:
+                self._give_back(h, code)
             if h.lines.partial and procinfo.killed_by_signal(code):
                 h.lines.reset()
                 h.dropped = True
@@ -319,7 +336,7 @@ class OpenFiles:
             agent = self.d.agents.get(name)
             if agent is None:
                 return select.POLLERR
-            if h.read and (h.rest or agent.queued):
+            if h.read and (h.rest or agent.queued or flows.due(agent, time.time())):
                 mask |= READABLE
             if h.write and agent.queued < self.d.config.max_queue:
                 mask |= WRITABLE
@@ -351,16 +368,34 @@ class OpenFiles:
         name = str(h.node.agent)
         if not h.pid:
             self._learn_opener(h)
+        if h.instance is None:
+            index = self.commands.instance(h.pid, name)
+            h.instance = -1 if index is None else index
+        instance = h.instance if h.instance >= 0 else None
         while True:
-            if name not in self.d.agents:
+            agent = self.d.agents.get(name)
+            if agent is None:
                 raise NotFound(f"agent {name} was removed")
-            msg = self.d.take(name)
+            explicit = flows.explicit(agent)
+            cap = agent.config.max_inflight if agent.config is not None else 0
+            if explicit and len(agent.inflight) >= cap:
+                if h.nonblock:
+                    raise WouldBlock(f"{name} holds {cap} messages unacked (max_inflight)")
+                await self._park(_lot(self._arrived, name), h)
+                continue
+            msg = self.d.take(name, h.pid, instance)
             if msg is not None:
                 break
             if h.nonblock:
                 raise WouldBlock("inbox is empty")
             await self._park(_lot(self._arrived, name), h)
         await self.log.durable()
+        if explicit:  # reading acks nothing; the holder acks by id
+            h.taken = [(m, a) for m, a in h.taken if m.state == INFLIGHT and m.delivered == a]
+            h.taken.append((msg, msg.delivered))
+            line = msg.line()
+            h.rest = line[size:]
+            return line[:size]
         h.msg = msg
         line = msg.line()
         h.rest = line[size:]
@@ -423,13 +458,33 @@ class OpenFiles:
 
     # -- settling a message whose reader closed -------------------------------------------
 
+    def _stopped(self, pid: int, label: str | None = None) -> bool:
+        """Whether the supervisor itself is stopping the process `pid` (or `label`)."""
+        sup = self.commands.supervisor
+        if label is None and pid:
+            label = self.procs.label_of(pid)
+        return sup is not None and sup.stopping_label(label)
+
     def _settle_now(self, h: Handle, exit_code: int) -> None:
         msg, h.msg, h.rest = h.msg, None, b""
         assert msg is not None
         if procinfo.abnormal(exit_code):
-            self.d.retry(msg, f"reader {procinfo.explain(exit_code)}")
+            stopped = self._stopped(h.pid)
+            why = "stopped by the supervisor" if stopped else procinfo.explain(exit_code)
+            self.d.retry(msg, f"reader {why}", counted=not stopped)
         else:
             self.d.ack(msg, h.who)
+
+    def _give_back(self, h: Handle, exit_code: int) -> None:
+        """Explicit acks: the reader died abnormally; what it read and holds unacked
+        is delivered again, an attempt spent (none if the supervisor stopped it)."""
+        taken, h.taken, h.rest = h.taken, [], b""
+        if not procinfo.abnormal(exit_code):
+            return
+        stopped = self._stopped(h.pid)
+        why = "stopped by the supervisor" if stopped else procinfo.explain(exit_code)
+        for msg, attempt in taken:
+            self.d.retry(msg, f"reader {why}", counted=not stopped, attempt=attempt)
 
     async def _settle_later(self, msg: Message) -> None:
         """A reader closed its inbox while alive: the message counts as handled
@@ -438,14 +493,19 @@ class OpenFiles:
         s = self.settling.get(msg)
         if s is None:
             return  # settled already
+        label = self.procs.label_of(s.pid)
         code = await self.procs.wait(s.pid, s.start, CLOSE_GRACE)
         if self.settling.pop(msg, None) is not None:
-            self._settle(msg, s, code, " after closing")
+            self._settle(msg, s, code, " after closing", label)
 
-    def _settle(self, msg: Message, s: Settling, code: int | None, when: str) -> None:
+    def _settle(
+        self, msg: Message, s: Settling, code: int | None, when: str, label: str | None = None
+    ) -> None:
         try:
             if code is not None and procinfo.abnormal(code):
-                self.d.retry(msg, f"reader {procinfo.explain(code)}{when}")
+                stopped = self._stopped(s.pid, label)
+                why = "stopped by the supervisor" if stopped else procinfo.explain(code)
+                self.d.retry(msg, f"reader {why}{when}", counted=not stopped)
             else:
                 self.d.ack(msg, s.who)
         except OSError as e:  # the log refused (a full disk): it stays in flight
@@ -502,8 +562,7 @@ class OpenFiles:
             to = ev["to"]
             if view.may_send(to):
                 continue
-            held = agent.inflight.get(ev["reply_to"]) if ev["reply_to"] else None
-            if held is not None and held.sender == to:
+            if flows.may_reply(self.d, owner, to, ev["reply_to"]):
                 continue
             e = NoRight(f"{owner} may not send to {to} (not in its send list)")
             self.access.report(owner, f"/agents/{to}/inbox", e, "send")
@@ -534,6 +593,22 @@ class OpenFiles:
         for hd in self.handles.values():
             if hd.msg is not None and hd.node.agent == name and msg_id in (None, hd.msg.id):
                 hd.msg, hd.rest = None, b""
+
+
+async def _timers_loop(files: OpenFiles) -> None:
+    """ack_wait deadlines and nack delays: when one passes, the decision is logged
+    (`redeliver` saying ack_wait) and readers look again."""
+    while True:
+        t = flows.next_timer(files.d)
+        now = time.time()
+        await trio.sleep(TIMER_TICK if t is None else min(TIMER_TICK, max(0.0, t - now)))
+        try:
+            for agent in flows.expire(files.d, time.time()):
+                files._wake_readers(agent.name)
+        except OSError as e:  # the log refused: try again at the next tick
+            log.error("timers: %s", e)
+        except Exception:  # a timer must never end the mount
+            log.exception("timers")
 
 
 def _lot(lots: dict[str, trio.lowlevel.ParkingLot], name: str) -> trio.lowlevel.ParkingLot:

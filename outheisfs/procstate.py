@@ -21,6 +21,7 @@ class ProcState:
     pids: list[int] = field(default_factory=list)  # supervised processes
     restarts: int = 0
     bound: set[int] = field(default_factory=set)  # processes bound by `outheisfs run`
+    next_start: str = ""  # failed: when the supervisor starts it again (cooldown)
 
     def live_pids(self) -> list[int]:
         """Supervised processes, or else the processes bound by `outheisfs run`."""

@@ -1,21 +1,29 @@
 """`outheisfs run NAME -- COMMAND`: run a command as agent NAME [SPEC §2].
 
-The process asks the server to bind it to NAME (the operator's `bind` on the
-agent's ctl) and then becomes COMMAND by exec. The server labels the process
+A child process asks the server to bind it to NAME (the operator's `bind` on
+the agent's ctl) and then becomes COMMAND by exec. The server labels the process
 when it binds; every process it forks from then on carries the label, so the
-command and all its descendants act as NAME. Because COMMAND replaces this
-process, its exit status, and the signals sent to it, are its own.
+command and all its descendants act as NAME. This process stays the operator and
+waits: it passes on SIGTERM and SIGHUP, takes the command's exit status (or dies
+of the same signal), and when the command failed it prints the reasons the
+server gave for what it refused meanwhile (NAME's `errors` file): a write can
+only return an errno, the reason is in that file.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import json
 import os
+import signal
 import sys
 from pathlib import Path
 
 from .confine import forbid_clone_parent
 
+PR_SET_PDEATHSIG = 1
+SHOWN = 5  # reasons printed at most
 XATTR_PID = "user.outheisfs.pid"
 
 
@@ -57,14 +65,76 @@ def bind(mp: Path, name: str) -> None:
 def run(mp: Path, name: str, cmd: list[str]) -> int:
     if not cmd:
         raise RunError("run: no command given (outheisfs run NAME -- COMMAND [ARG...])", 2)
-    bind(mp, name)
-    forbid_clone_parent()  # a child of no agent could not be told from the operator's
-    env = dict(os.environ, OUTHEIS_AGENT=name, OUTHEIS_MOUNT=str(mp))
+    errors = mp / "agents" / name / "errors"
+    try:
+        start = os.stat(errors).st_size
+    except OSError:
+        start = 0
     sys.stdout.flush()
     sys.stderr.flush()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(_child(mp, name, cmd, parent))
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda s, _f: os.kill(pid, s))
+    for sig in (signal.SIGINT, signal.SIGQUIT):  # the terminal sends them to the command too
+        signal.signal(sig, signal.SIG_IGN)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        for line in reasons(errors, start):
+            print(f"outheisfs: {name}: {line}", file=sys.stderr)
+    if code < 0:
+        sys.stderr.flush()
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code
+    return code
+
+
+def _child(mp: Path, name: str, cmd: list[str], parent: int) -> int:
+    """Bind, then become the command; a status if that fails."""
     try:
-        os.execvpe(cmd[0], cmd, env)
-    except OSError as e:
-        # Like a shell: 127 for a command that is not there, 126 for one that cannot run.
-        status = 127 if e.errno == errno.ENOENT else 126
-        raise RunError(f"{cmd[0]}: {e.strerror}", status) from None
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            return 1
+        for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        bind(mp, name)
+        forbid_clone_parent()  # a child of no agent could not be told from the operator's
+        env = dict(os.environ, OUTHEIS_AGENT=name, OUTHEIS_MOUNT=str(mp))
+        try:
+            os.execvpe(cmd[0], cmd, env)
+        except OSError as e:
+            # Like a shell: 127 for a command that is not there, 126 for one that cannot run.
+            status = 127 if e.errno == errno.ENOENT else 126
+            raise RunError(f"{cmd[0]}: {e.strerror}", status) from None
+    except RunError as e:
+        print(f"outheisfs: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        return e.status
+    except BaseException as e:  # never return into the parent's code
+        print(f"outheisfs: {e}", file=sys.stderr)
+        sys.stderr.flush()
+        return 1
+
+
+def reasons(errors: Path, start: int) -> list[str]:
+    """The refusals logged in an agent's `errors` file after byte `start`."""
+    try:
+        with open(errors, "rb") as f:
+            f.seek(start)
+            data = f.read()
+    except OSError:
+        return []
+    out = []
+    for raw in data.splitlines()[-SHOWN:]:
+        try:
+            ev = json.loads(raw)
+        except ValueError:
+            continue
+        where = ev.get("where") or ev.get("path") or "?"
+        out.append(f"{ev.get('errno', '?')} on {where}: {ev.get('why', '?')}")
+    return out

@@ -8,7 +8,9 @@ of its process tree is ended, and the restart policy decides what follows:
     temporary   never restarted
 
 More than `max_restarts` restarts within `restart_window` seconds mark the agent
-`failed`: nothing starts it again but an operator's `start`. Between restarts
+`failed`: it is started again after `cooldown` seconds, doubling (to at most ten
+minutes) while it keeps failing; with `cooldown = 0` only an operator's `start`
+does. Between restarts
 the supervisor waits a backoff that doubles with each restart in the window.
 
 The server is a child subreaper and reaps every child itself (one SIGCHLD
@@ -34,7 +36,7 @@ from typing import TypeVar
 
 import trio
 
-from . import events
+from . import events, flows, procinfo
 from .config import AgentConfig
 from .confine import installer
 from .dispatcher import Dispatcher
@@ -47,6 +49,8 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
+COOLDOWN_MAX = 600.0  # the longest cool-down of a failed agent
+STOPPING_KEEP = 30.0  # seconds a stop by the supervisor explains a reader's death
 NICE_BACKGROUND = 10
 T = TypeVar("T")
 
@@ -96,6 +100,17 @@ def backoff(restarts_in_window: int) -> float:
     return float(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** min(n - 1, 32)))
 
 
+def cooldown(first: float, streak: int) -> float:
+    """The cool-down before a failed agent starts again: `first`, doubling per
+    failure in a row, at most COOLDOWN_MAX."""
+    return float(min(COOLDOWN_MAX, first * 2 ** min(streak, 32)))
+
+
+def iso(t: float) -> str:
+    sec = int(t)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{int((t - sec) * 1e6):06d}Z"
+
+
 def become_subreaper() -> None:
     """Orphans of our agents are re-parented to us, not to init."""
     try:
@@ -127,6 +142,9 @@ class Runner:
     instances: dict[int, Instance] = field(default_factory=dict)
     wanted: bool = True  # the operator wants it running
     pending: int = 0  # restarts waiting out their backoff
+    streak: int = 0  # failures in a row (the cool-down doubles)
+    failed_at: float = 0.0
+    cool: int = 0  # bumped by an operator's start or stop: a pending cool-down is void
 
 
 class Spawner:
@@ -201,6 +219,7 @@ class Supervisor:
         self.runners: dict[str, Runner] = {}
         self._by_pid: dict[int, tuple[Runner, Instance]] = {}
         self._early: dict[int, int] = {}  # reaped before we knew the pid
+        self._stopping: dict[str, float] = {}  # label -> when the supervisor ended it
         self._nursery: trio.Nursery | None = None
         self._changed = trio.Event()
         self.shutting_down = False
@@ -276,6 +295,7 @@ class Supervisor:
     async def _spawn(self, runner: Runner, index: int) -> None:
         name = runner.name
         inst = Instance(index=index, label=f"{name}#{index}")
+        self._stopping.pop(inst.label, None)
         runner.instances[index] = inst
         cmd = self._command(runner)
         env = self._env(runner, inst)
@@ -349,6 +369,9 @@ class Supervisor:
             del runner.instances[inst.index]
         if inst.pid:
             self.d.note(events.exit(name, inst.pid, inst.index, status))
+        agent = self.d.agents.get(name)
+        if agent is not None and flows.explicit(agent) and not self.shutting_down:
+            self._give_back(runner, inst, status)
         likely = runner.wanted and should_restart(runner.config.restart, status)
         runner.pending += likely  # "starting" while the old tree ends, not "stopped"
         self._update(runner)
@@ -367,12 +390,22 @@ class Supervisor:
             runner.wanted = False
             runner.proc.state = "failed"
             cfg = runner.config
-            self.d.note(
-                events.failed(name, runner.proc.restarts, cfg.max_restarts, cfg.restart_window)
-            )
+            ev = events.failed(name, runner.proc.restarts, cfg.max_restarts, cfg.restart_window)
+            delay = 0.0
+            if runner.config.cooldown:
+                if runner.streak and now - runner.failed_at > COOLDOWN_MAX * 2:
+                    runner.streak = 0  # it ran well for a long while
+                delay = cooldown(runner.config.cooldown, runner.streak)
+                runner.streak += 1
+                runner.failed_at = now
+                runner.proc.next_start = iso(time.time() + delay)
+                ev |= {"cooldown": delay, "next_start": runner.proc.next_start}
+            self.d.note(ev)
             await self._stop_instances(runner)
             runner.proc.state = "failed"
             self._update(runner)
+            if delay and self._nursery is not None:
+                self._nursery.start_soon(self._cool_down, runner, delay, runner.cool)
             return
         delay = backoff(runner.intensity.recent(now))
         runner.proc.restarts += 1
@@ -387,6 +420,33 @@ class Supervisor:
             await self._spawn(runner, inst.index)
         self._update(runner)
 
+    async def _cool_down(self, runner: Runner, delay: float, cool: int) -> None:
+        """Start a failed agent again once its cool-down has passed."""
+        await trio.sleep(delay)
+        if runner.cool != cool or self.shutting_down or runner.proc.state != "failed":
+            return
+        runner.intensity.reset()
+        runner.proc.state = "stopped"
+        runner.proc.next_start = ""
+        self.d.note({"type": "restart", "agent": runner.name, "after": "cooldown"})
+        await self._start_all(runner)
+
+    def _give_back(self, runner: Runner, inst: Instance, status: int) -> None:
+        """Explicit acks: what the instance held unacked is delivered again; its
+        death spends an attempt, unless the supervisor stopped it."""
+        stopped = self.stopping_label(inst.label)
+        why = "stopped by the supervisor" if stopped else procinfo.explain(status)
+        for msg in list(self.d.agents[runner.name].inflight.values()):
+            if msg.instance == inst.index:
+                self.d.retry(msg, f"reader {why}", counted=not stopped, attempt=msg.delivered)
+
+    def stopping_label(self, label: str | None) -> bool:
+        """Whether the supervisor itself lately ended the processes labelled so."""
+        if label is None:
+            return False
+        when = self._stopping.get(label)
+        return when is not None and time.monotonic() - when < STOPPING_KEEP
+
     # -- ending process trees ---------------------------------------------------------
 
     def _members(self, labels: set[str]) -> set[int]:
@@ -397,6 +457,8 @@ class Supervisor:
         pids = self._members(labels)
         if not pids:
             return
+        stamp = time.monotonic()
+        self._stopping.update((label, stamp) for label in labels)
         _signal(pids, signal.SIGTERM)
         with trio.move_on_after(self.grace if grace is None else grace):
             while self._members(labels):
@@ -430,6 +492,9 @@ class Supervisor:
     async def start(self, name: str) -> None:
         runner = self._runner(name)
         runner.intensity.reset()
+        runner.cool += 1
+        runner.streak = 0
+        runner.proc.next_start = ""
         if runner.proc.state == "failed":
             runner.proc.state = "stopped"
         await self._start_all(runner)
@@ -437,6 +502,8 @@ class Supervisor:
     async def stop(self, name: str) -> None:
         runner = self._runner(name)
         runner.wanted = False
+        runner.cool += 1
+        runner.proc.next_start = ""
         await self._stop_instances(runner)
         runner.proc.state = "stopped"
         self._update(runner)

@@ -30,6 +30,8 @@ class Kind(Enum):
     OUTBOX = "outbox"
     CTL = "ctl"
     LOG = "log"
+    DEAD = "dead"
+    ERRORS = "errors"
 
 
 class Read(Enum):
@@ -104,6 +106,9 @@ AGENT_ROWS = (
     Row("outbox", Kind.OUTBOX, 0o660, "rw", "r", Read.STREAM, Write.SEND, "{agent}.outbox"),
     Row("ctl", Kind.CTL, 0o660, "rw", "r", Read.STATUS, Write.COMMAND),
     Row("log", Kind.LOG, 0o440, "r", "r", Read.STREAM, Write.NONE, "{agent}.log"),
+    # dead letters as of open, JSON lines; the refusals of its processes, JSON lines
+    Row("dead", Kind.DEAD, 0o440, "r", "r", Read.STATUS),
+    Row("errors", Kind.ERRORS, 0o440, "r", "r", Read.STREAM, Write.NONE, "{agent}.errors"),
 )
 
 _FIXED = {ROOT_INODE: ROOT} | {ROOT_INODE + 1 + i: row for i, row in enumerate(ROOT_ROWS)}

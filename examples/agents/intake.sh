@@ -10,8 +10,12 @@ set -euo pipefail
 exec 3<inbox
 while IFS= read -r msg <&3; do
   if jq -e '.from == "worker" and .reply_to != null' <<<"$msg" >/dev/null; then
-    jq -c '{to: .body.for, body: .body}' <<<"$msg" >outbox
+    line=$(jq -c '{to: .body.for, body: .body}' <<<"$msg")
   else
-    jq -c '{to: "worker", body: {job: .body, for: .from}}' <<<"$msg" >outbox
+    line=$(jq -c '{to: "worker", body: {job: .body, for: .from}}' <<<"$msg")
+  fi
+  # A refused write returns only an errno: the reason is the last line of errors.
+  if ! printf '%s\n' "$line" >outbox; then
+    echo "intake: not sent: $(tail -n1 errors | jq -r .why)" >&2
   fi
 done

@@ -43,6 +43,16 @@ i, o = os.open("inbox", os.O_RDONLY), os.open("outbox", os.O_WRONLY)
 while True:
     os.write(o, json.dumps({"body": json.loads(os.read(i, 1 << 21))["body"]}).encode() + b"\\n")
 """
+# The same with explicit acks: it acks by id, then replies by `reply_to`.
+ECHO_EXPLICIT = """
+import json, os
+i, o = os.open("inbox", os.O_RDONLY), os.open("outbox", os.O_WRONLY)
+c = os.open("ctl", os.O_WRONLY)
+while True:
+    m = json.loads(os.read(i, 1 << 21))
+    os.write(c, b"ack " + m["id"].encode() + b"\\n")
+    os.write(o, json.dumps({"reply_to": m["id"], "body": m["body"]}).encode() + b"\\n")
+"""
 
 
 @dataclass
@@ -147,6 +157,8 @@ def bench_config(agents: int, durability: str = "process", echo: bool = False) -
         lines.append(f"[agents.b{i}]")
     if echo:
         lines.append(f"[agents.echo]\ncommand = {json.dumps([sys.executable, '-c', ECHO])}")
+        xecho = json.dumps([sys.executable, "-c", ECHO_EXPLICIT])
+        lines.append(f'[agents.xecho]\ncommand = {xecho}\nack = "explicit"')
     return "\n".join(lines) + "\n"
 
 
@@ -200,10 +212,10 @@ def concurrent(paths: list[str], n: int) -> float:
 
 
 @contextmanager
-def echo_roundtrips(m: Mount) -> Iterator[Callable[[int], list[float]]]:
+def echo_roundtrips(m: Mount, echo: str = "echo") -> Iterator[Callable[[int], list[float]]]:
     """Yields `run(n)`: n times from writing to the echo agent's inbox until its
     answer is read (each read acks the answer before)."""
-    to_echo = os.open(m.path("agents", "echo", "inbox"), os.O_WRONLY)
+    to_echo = os.open(m.path("agents", echo, "inbox"), os.O_WRONLY)
     replies = os.open(m.path("agents", "user", "inbox"), os.O_RDONLY)
 
     def run(n: int) -> list[float]:
@@ -365,8 +377,10 @@ def measure(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
             redis = shutil.which("redis-server") is not None
             progress("4/6 echo round trip" + (", and through Redis Streams" if redis else ""))
             _wait_running(m, "echo")
+            _wait_running(m, "xecho")
             with ExitStack() as stack:
                 samplers = {"roundtrip": stack.enter_context(echo_roundtrips(m))}
+                samplers["explicit"] = stack.enter_context(echo_roundtrips(m, "xecho"))
                 if redis:
                     for key, (aof, _) in REDIS.items():
                         redis_rt = redisref.echo_roundtrips(root / key, aof)
@@ -380,6 +394,16 @@ def measure(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
                 floor_write,
                 targets=True,
             )
+            explicit = roundtrip_figures(
+                "explicit_roundtrip",
+                "echo round trip, explicit acks p{p}",
+                times["explicit"],
+                floor_write,
+            )
+            for f, auto in zip(explicit, figs[-2:], strict=True):
+                assert f.value is not None and auto.value is not None
+                f.note = f"{f.value / auto.value:.2f}x the auto-ack round trip"
+            figs += explicit
             for key, (_, what) in REDIS.items():
                 note = "" if redis else "redis-server not installed"
                 figs += roundtrip_figures(key, what, times.get(key), floor_write, note=note)
@@ -540,7 +564,8 @@ def render(figs: list[Figure], info: dict[str, Any], quick: bool) -> str:
         )
         ratio = "" if f.ratio is None else f"{f.ratio:.2f}x"
         verdict = "" if f.met is None else ("met" if f.met else "NOT met")
-        out.append(f"{f.what:48} {value:>14} {floor:>12} {ratio:>7}  {f.target} {verdict}".rstrip())
+        line = f"{f.what:48} {value:>14} {floor:>12} {ratio:>7}  {f.target} {verdict}"
+        out.append((line.rstrip() + ("  (" + f.note + ")" if f.note else "")).rstrip())
     return "\n".join(out)
 
 

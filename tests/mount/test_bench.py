@@ -21,6 +21,7 @@ from outheisfs.bench import REDIS, interleave, render, roundtrip_figures
 from .conftest import PY
 
 FLOORED = {"one_fd", "open_write_close", "big_write", "roundtrip_p50", "roundtrip_p99"}
+FLOORED |= {"explicit_roundtrip_p50", "explicit_roundtrip_p99"}
 EXPECTED = FLOORED | {
     "idle_cpu",
     "agents_one_fd",
@@ -83,6 +84,7 @@ def test_bench_quick_json_reports_every_figure(short_tmp: Path) -> None:
         if f["target"]:
             assert isinstance(f["met"], bool), key
     assert figs["roundtrip_p50"]["value"] <= figs["roundtrip_p99"]["value"]
+    assert "x the auto-ack round trip" in figs["explicit_roundtrip_p50"]["note"]
     if installed:
         assert figs["redis_roundtrip_p50"]["value"] <= figs["redis_roundtrip_p99"]["value"]
 

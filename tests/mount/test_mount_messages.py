@@ -367,7 +367,14 @@ def test_modes_and_wrong_access(mounted: Server) -> None:
     with pytest.raises(OSError):
         (mounted.p("agents", "echo", "newfile")).write_text("x")
     assert sorted(os.listdir(mounted.mp)) == ["agents", "ctl", "log", "vault"]
-    assert sorted(os.listdir(mounted.p("agents", "echo"))) == ["ctl", "inbox", "log", "outbox"]
+    assert sorted(os.listdir(mounted.p("agents", "echo"))) == [
+        "ctl",
+        "dead",
+        "errors",
+        "inbox",
+        "log",
+        "outbox",
+    ]
 
 
 def test_mkdir_and_rmdir_agents(mounted: Server) -> None:

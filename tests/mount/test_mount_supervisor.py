@@ -62,7 +62,7 @@ def example(server: Server) -> Server:
     server.config = EXAMPLES / "outheis.toml"
     server.mount()
     supervised = [a for a in _agents(server) if a["state"] != "external"]
-    assert len(supervised) == 5
+    assert len(supervised) == 7  # with the planner and its squarer pool
     wait_for(
         lambda: all(a["state"] in ("running", "external") for a in _agents(server)), timeout=10
     )

@@ -27,7 +27,7 @@ from .conftest import PY, Server, outheisfs, take, wait_for
 
 VIEWPROBE = Path(__file__).parent / "agents" / "viewprobe.py"
 OK = "OK"
-FILES = ["ctl", "inbox", "log", "outbox"]
+FILES = ["ctl", "dead", "errors", "inbox", "log", "outbox"]
 EVERYONE = sorted(["user", "me", "sup", "friend", "peer", "hidden"])  # see matrix_config
 
 # The view under test, the same for the `run` agent and the supervised one:
@@ -819,7 +819,7 @@ def test_an_agent_narrows_its_own_view(server: Server, probes: Probes, kind: str
         ctl(server, me, "unveil /agents/friend/inbox w"),  # back: not by itself
         ctl(server, me, "unveil /agents/peer/log r"),
     ])  # fmt: skip
-    assert got == [OK, "ENOENT", ["ctl", "inbox", "outbox"], OK, OK, "ENOENT",
+    assert got == [OK, "ENOENT", ["ctl", "dead", "errors", "inbox", "outbox"], OK, OK, "ENOENT",
                    sorted([me, "peer"]), "ENOENT", "EACCES", "EPERM", "EPERM"]  # fmt: skip
     assert not messages(server, "friend")
     # The operator widens it at run time: a send right to `hidden`, and friend again.

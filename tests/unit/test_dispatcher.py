@@ -10,7 +10,7 @@ import pytest
 
 from outheisfs.config import PRIORITIES, Config
 from outheisfs.dispatcher import Dispatcher
-from outheisfs.errors import BadInput, Exists, NotEmpty, NotFound, OutheisError
+from outheisfs.errors import BadInput, Exists, NoRight, NotEmpty, NotFound, OutheisError
 from outheisfs.eventlog import EventLog
 from outheisfs.models import Draft, Message
 from outheisfs.procstate import Processes
@@ -310,10 +310,13 @@ def test_reply_with_several_in_flight(env: Env) -> None:
     # reply_to picks one.
     events = send(d, "echo", None, "to 2", reply_to=b.id)
     assert events[0]["to"] == "notes" and events[0]["reply_to"] == b.id
-    # A reply_to that is not held is refused.
+    # A reply after the ack is allowed: the right comes from the logged delivery.
     d.ack(a, "echo")
-    with pytest.raises(BadInput):
-        send(d, "echo", None, "x", reply_to=a.id)
+    events = send(d, "echo", None, "late", reply_to=a.id)
+    assert events[0]["to"] == "user" and events[0]["reply_to"] == a.id
+    # A reply_to naming a message echo never received: EACCES.
+    with pytest.raises(NoRight):
+        send(d, "echo", None, "x", reply_to=events[0]["id"])
 
 
 def test_unknown_recipient(env: Env) -> None:

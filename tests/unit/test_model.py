@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pyfuse3
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -637,3 +638,207 @@ def test_the_server_does_what_the_model_says(
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         trio.run(run_program, Path(tmp), program, max_attempts)
+
+
+# -- explicit acks, nack with delay, term, ack_wait and dead letters [SPEC §15] -----------
+#
+# The dispatcher's state machine driven directly, with a fake clock for deadlines,
+# against a reference model of one explicit-ack agent `w` read by two instances.
+
+
+@dataclass
+class XM:
+    """One message in the reference model of explicit acks."""
+
+    seq: int
+    delivered: int = 0
+    where: str = "queued"  # queued | delayed | inflight | dead
+    due: float = 0.0
+    deadline: float = 0.0
+    instance: int | None = None
+    reason: str = ""
+
+
+XSTEPS = st.one_of(
+    st.tuples(st.just("send")),
+    st.tuples(st.just("take"), st.integers(0, 1)),
+    st.tuples(st.just("ack"), st.integers(0, 4)),
+    st.tuples(st.just("nack"), st.integers(0, 4), st.sampled_from([0.0, 1.0, 4.0])),
+    st.tuples(st.just("term"), st.integers(0, 4)),
+    st.tuples(st.just("progress"), st.integers(0, 4)),
+    st.tuples(st.just("tick"), st.sampled_from([0.5, 2.0, 5.0, 6.0])),
+    st.tuples(st.just("crash"), st.integers(0, 1)),
+    st.tuples(st.just("requeue"), st.integers(-1, 3)),
+    st.tuples(st.just("purge"), st.integers(-1, 3)),
+    st.tuples(st.just("late_ack"), st.integers(0, 1)),
+)
+
+
+def xsnapshot(d: Dispatcher) -> dict[str, Any]:
+    a = d.agents["w"]
+    return {
+        "base": snapshot(d),
+        "inflight": sorted((m.id, m.deadline, m.instance, m.pid) for m in a.inflight.values()),
+        "delayed": sorted((m.id, m.due, m.delivered) for m in a.delayed.values()),
+        "dead": sorted((m.id, m.delivered, m.reason) for m in a.dead_letters.values()),
+        "received": sorted(d.received.items()),
+        "taken_back": sorted((k, sorted(v, key=str)) for k, v in d.taken_back.items()),
+    }
+
+
+def run_explicit(state: Path, program: list[tuple[Any, ...]], ack_wait: float) -> None:
+    from outheisfs import flows
+    from outheisfs.errors import Stale
+
+    from .helpers import open_dispatcher, send
+
+    config = make_config(
+        {"w": {"ack": "explicit", "max_inflight": 3, "ack_wait": ack_wait}},
+        max_attempts=3,
+        aging=1e6,
+    )
+    d, log = open_dispatcher(state, config)
+    clock = 1_900_000_000.0
+    model: dict[str, XM] = {}  # by body
+    ids: dict[str, str] = {}  # body -> id
+    states: list[tuple[int, dict[str, Any]]] = []
+    n = 0
+
+    def where(kind: str) -> list[str]:
+        return sorted((b for b, m in model.items() if m.where == kind), key=lambda b: model[b].seq)
+
+    def fail(m: XM, reason: str) -> None:  # what retry does with a counted failure
+        if m.delivered >= 3:
+            m.where, m.reason = "dead", reason
+        else:
+            m.where = "queued"
+        m.deadline, m.instance = 0.0, None
+
+    def by_id(body: str) -> Any:
+        return d.messages.get(ids[body]) or d.agents["w"].dead_letters.get(ids[body])
+
+    try:
+        for op in program:
+            held = where("inflight")
+            if op[0] == "send":
+                body = f"m{n}"
+                n += 1
+                (ev,) = send(d, "user", "w", body)
+                ids[body] = ev["id"]
+                model[body] = XM(seq=d.messages[ev["id"]].seq)
+            elif op[0] == "take":
+                if len(held) >= 3:
+                    continue  # max_inflight: the read would wait
+                due = [b for b in where("delayed") if model[b].due <= clock]
+                due.sort(key=lambda b: (model[b].due, model[b].seq))
+                queued = where("queued")
+                want = due[0] if due else (queued[0] if queued else None)
+                msg = d.take("w", pid=100 + op[1], instance=op[1], now=clock)
+                assert (msg.body if msg else None) == want
+                if want is not None:
+                    m = model[want]
+                    m.delivered += 1
+                    m.where, m.instance = "inflight", op[1]
+                    m.deadline = round(clock + ack_wait, 6) if ack_wait else 0.0
+                    assert msg is not None and msg.delivered == m.delivered
+            elif op[0] in ("ack", "nack", "term", "progress") and held:
+                body = held[op[1] % len(held)]
+                m = model[body]
+                msg = flows.held(d, "w", ids[body], m.instance, True)
+                if op[0] == "ack":
+                    d.ack_all("w", "w", ids[body])
+                    del model[body]
+                elif op[0] == "nack":
+                    flows.nack(d, msg, "w", op[2], clock)
+                    if m.delivered >= 3:
+                        m.where, m.reason = "dead", f"nacked at attempt {m.delivered} of 3"
+                    elif op[2]:
+                        m.where, m.due = "delayed", round(clock + op[2], 6)
+                    else:
+                        m.where = "queued"
+                    m.deadline, m.instance = 0.0, None
+                elif op[0] == "term":
+                    flows.bury(d, msg, "term: bad", "w")
+                    m.where, m.reason, m.instance = "dead", "term: bad", None
+                else:
+                    flows.progress(d, msg, "w", clock)
+                    m.deadline = round(clock + ack_wait, 6) if ack_wait else 0.0
+            elif op[0] == "tick":
+                clock += op[1]
+                flows.expire(d, clock)
+                for body in held:
+                    m = model[body]
+                    if m.deadline and m.deadline <= clock:
+                        fail(m, "ack_wait")
+            elif op[0] == "crash":
+                for msg in list(d.agents["w"].inflight.values()):
+                    if msg.instance == op[1]:
+                        d.retry(msg, "reader killed by signal 9", attempt=msg.delivered)
+                for body in held:
+                    if model[body].instance == op[1]:
+                        fail(model[body], "reader killed by signal 9")
+            elif op[0] in ("requeue", "purge"):
+                dead = where("dead")
+                if op[1] >= 0 and not dead:
+                    continue
+                one = None if op[1] < 0 else dead[op[1] % len(dead)]
+                getattr(flows, op[0])(d, "w", None if one is None else ids[one], "user")
+                for body in dead if one is None else [one]:
+                    if op[0] == "purge":
+                        del model[body]
+                    else:
+                        model[body].where, model[body].delivered = "queued", 0
+                        model[body].reason = ""
+            elif op[0] == "late_ack":
+                # An ack by an instance that ack_wait took a message from: ESTALE.
+                for body, i in ids.items():
+                    lost = d.taken_back.get(i)
+                    gone = model.get(body)
+                    if lost and op[1] in lost and (gone is None or gone.instance != op[1]):
+                        with pytest.raises(Stale):
+                            flows.held(d, "w", i, op[1], True)
+            # The dispatcher's state is the model's.
+            a = d.agents["w"]
+            for kind, table in (("inflight", a.inflight), ("delayed", a.delayed)):
+                assert sorted(m.body for m in table.values()) == sorted(where(kind)), kind
+            assert [m.body for m in a.inbox.messages()] == where("queued")
+            assert {m.body: (m.delivered, m.reason) for m in a.dead_letters.values()} == {
+                b: (model[b].delivered, model[b].reason) for b in where("dead")
+            }
+            for msg in a.inflight.values():
+                m = model[msg.body]
+                assert (msg.delivered, msg.deadline, msg.instance) == (
+                    m.delivered,
+                    m.deadline,
+                    m.instance,
+                )
+            for msg in a.delayed.values():
+                assert msg.due == model[msg.body].due
+            assert flows.next_timer(d) == min(
+                [m.deadline for m in model.values() if m.where == "inflight" and m.deadline]
+                + [m.due for m in model.values() if m.where == "delayed"],
+                default=None,
+            )
+            states.append((d.seq, xsnapshot(d)))
+        assert all(by_id(b) is not None for b in model)
+    finally:
+        log.close()
+    # A replay, whole or up to any step, gives the same state: in-flight set,
+    # deadlines, delays, dead letters, reply rights.
+    for seq, live in states:
+        r = Dispatcher(config, None)
+        EventLog(state, readonly=True).open(r.apply, seq)
+        assert xsnapshot(r) == live, seq
+
+
+@settings(
+    max_examples=100 * (SOAK or 1),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(st.lists(XSTEPS, min_size=10, max_size=60), st.sampled_from([0.0, 5.0]))
+def test_explicit_acks_do_what_the_model_says(
+    program: list[tuple[Any, ...]], ack_wait: float
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_explicit(Path(tmp), program, ack_wait)

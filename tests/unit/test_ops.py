@@ -99,7 +99,14 @@ async def test_root_listing_and_lookup(env: OpsEnv) -> None:
 async def test_agents_listing(env: OpsEnv) -> None:
     assert sorted(await listing(env, "agents")) == ["echo", "notes", "user"]
     for name in ("echo", "notes", "user"):
-        assert sorted(await listing(env, f"agents/{name}")) == ["ctl", "inbox", "log", "outbox"]
+        assert sorted(await listing(env, f"agents/{name}")) == [
+            "ctl",
+            "dead",
+            "errors",
+            "inbox",
+            "log",
+            "outbox",
+        ]
     assert await errno_of(env.ino("agents/nobody")) == errno.ENOENT
     assert await errno_of(env.ino("agents/echo/nope")) == errno.ENOENT
 
@@ -112,7 +119,7 @@ async def test_readdir_resumes(env: OpsEnv) -> None:
     rest = Token()
     await env.ops.readdir(fh, first[-1][2], rest)
     names = [n for n, _, _ in first] + [n for n, _, _ in rest]
-    assert sorted(names) == [b"ctl", b"inbox", b"log", b"outbox"]
+    assert sorted(names) == [b"ctl", b"dead", b"errors", b"inbox", b"log", b"outbox"]
     for name, attr, _ in first + rest:
         looked = await env.ops.lookup(await env.ino("agents/echo"), name, env.ctx)
         assert looked.st_ino == attr.st_ino

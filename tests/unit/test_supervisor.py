@@ -371,13 +371,13 @@ async def test_permanent_crash_loop_fails_after_max_restarts(
 
 
 async def test_failed_stays_down_until_start(world: Callable[..., World], clock: MockClock) -> None:
-    w = world(a=cmd(max_restarts=2, restart_window=5.0))
+    w = world(a=cmd(max_restarts=2, restart_window=5.0, cooldown=0))  # no cool-down
     w.crash["a"] = Crash(after=0.0, status=KILLED)
     async with w.running() as sup:
         await w.wait(1.0)
         assert w.agent("a").state == "failed"
         assert len(w.spawns) == 3
-        await w.wait(2 * 5.0)  # the window has long passed: still nothing starts it
+        await w.wait(2 * 600.0)  # the longest cool-down has long passed: nothing starts it
         assert len(w.spawns) == 3
         assert w.agent("a").state == "failed"
         assert len(w.events("failed", "a")) == 1
@@ -389,6 +389,39 @@ async def test_failed_stays_down_until_start(world: Callable[..., World], clock:
         assert w.agent("a").pids == [w.spawns[-1].pid]
         await w.wait(30.0)
         assert len(w.spawns) == 4 and w.agent("a").state == "running"
+
+
+async def test_failed_starts_again_after_a_doubling_cooldown(
+    world: Callable[..., World], clock: MockClock
+) -> None:
+    w = world(a=cmd(max_restarts=1, restart_window=5.0, cooldown=10.0))
+    w.crash["a"] = Crash(after=0.0, status=EXIT1)
+    async with w.running() as sup:
+        await w.wait(1.0)
+        assert w.agent("a").state == "failed" and len(w.spawns) == 2
+        (failed,) = w.events("failed", "a")
+        assert failed["cooldown"] == 10.0 and failed["next_start"].endswith("Z")
+        assert w.agent("a").next_start == failed["next_start"]
+        await w.wait(9.0)  # it failed at 0.1 s
+        assert len(w.spawns) == 2  # still cooling down
+        await w.wait(1.0)  # 10 s after it failed: started again, fails again
+        assert len(w.spawns) == 4 and w.agent("a").state == "failed"
+        assert [e["cooldown"] for e in w.events("failed", "a")] == [10.0, 20.0]
+        assert [e for e in w.events("restart", "a") if e.get("after") == "cooldown"]
+        await w.wait(19.0)
+        assert len(w.spawns) == 4
+        del w.crash["a"]
+        await w.wait(2.0)  # 20 s: started again, and it stays up now
+        assert w.agent("a").state == "running" and len(w.spawns) == 5
+        assert w.agent("a").next_start == ""
+        # An operator's stop during a cool-down cancels the pending start.
+        w.crash["a"] = Crash(after=0.0, status=EXIT1)
+        await sup.kill("a")
+        await w.wait(1.0)
+        assert w.agent("a").state == "failed"
+        await sup.stop("a")
+        await w.wait(700.0)
+        assert w.agent("a").state == "stopped"
 
 
 async def test_start_after_failed_resets_the_intensity(
