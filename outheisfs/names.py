@@ -12,3 +12,4 @@ NOBODY = "-"  # a caller attributed to no agent with certainty: the least rights
 UNKNOWN = NOBODY  # the label of a process known to be some agent's, but not whose
 SERVER = "server"  # `who` of events the server records on its own behalf
 XATTR_PID = b"user.outheisfs.pid"  # on the mount's root: the serving process
+XATTR_POLICY = b"user.outheisfs.confine"  # on the root: the calling agent's confinement

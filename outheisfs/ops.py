@@ -30,7 +30,7 @@ from .ctl import Commands
 from .dispatcher import Dispatcher
 from .errors import Busy, NotPermitted, OutheisError
 from .eventlog import EventLog
-from .names import OPERATOR, XATTR_PID
+from .names import OPERATOR, XATTR_PID, XATTR_POLICY
 from .openfile import Handle, OpenFiles
 from .procevents import ProcEvents
 from .procstate import Processes
@@ -85,7 +85,7 @@ class Operations(pyfuse3.Operations):
         for name in dispatcher.agents:
             self.tree.add_agent(name)
         self.rights = Access(dispatcher, procs)
-        self.commands = Commands(dispatcher, procs, self.table)
+        self.commands = Commands(dispatcher, procs, self.table, log_.state)
         fhs = itertools.count(1)  # one numbering for agent files, folders and vault files
         self.files = OpenFiles(dispatcher, log_, self.rights, procs, self.commands, fhs)
         self.store = Store(log_.state / "vault", VAULT_INODE)
@@ -238,6 +238,12 @@ class Operations(pyfuse3.Operations):
         every other attribute is ENODATA."""
         if inode == ROOT_INODE and name == XATTR_PID:
             return str(os.getpid()).encode()
+        if inode == ROOT_INODE and name == XATTR_POLICY:
+            # What `outheisfs run` applies to itself once bound: the caller's own rights.
+            who = self.who(ctx)
+            if who == OPERATOR or who not in self.d.agents:
+                raise pyfuse3.FUSEError(errno.ENODATA)
+            return self.commands.policy(who).to_json()
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     @handler

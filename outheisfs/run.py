@@ -9,12 +9,14 @@ process, its exit status, and the signals sent to it, are its own.
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import errno
 import os
 import sys
 from pathlib import Path
 
-from .confine import forbid_clone_parent
+from . import sandbox
 
 XATTR_PID = "user.outheisfs.pid"
 
@@ -54,12 +56,34 @@ def bind(mp: Path, name: str) -> None:
         raise RunError(f"cannot bind to agent {name!r}: {e.strerror}") from None
 
 
+def confine(mp: Path, name: str, cmd: list[str], env: dict[str, str]) -> str:
+    """Apply agent `name`'s confinement, as the server tells it, to this process;
+    return its TMPDIR. Its seccomp filter also keeps a child of no agent (which
+    could not be told from the operator's) from being made."""
+    try:
+        raw = os.getxattr(mp, sandbox.XATTR_POLICY)
+    except OSError as e:
+        raise RunError(f"cannot learn agent {name!r}'s confinement: {e.strerror}") from None
+    policy = sandbox.Policy.from_json(raw)
+    policy = dataclasses.replace(policy, mount=str(mp), programs=sandbox.programs(cmd, env))
+    try:
+        apply = sandbox.preparer(policy)
+    except OSError as e:
+        raise RunError(f"cannot confine agent {name!r}: {e}") from None
+    ok = apply()
+    sandbox.done(apply)
+    if not ok and policy.confine == "required":
+        raise RunError(f"cannot confine agent {name!r}: {os.strerror(ctypes.get_errno())}")
+    return policy.tmpdir
+
+
 def run(mp: Path, name: str, cmd: list[str]) -> int:
     if not cmd:
         raise RunError("run: no command given (outheisfs run NAME -- COMMAND [ARG...])", 2)
     bind(mp, name)
-    forbid_clone_parent()  # a child of no agent could not be told from the operator's
     env = dict(os.environ, OUTHEIS_AGENT=name, OUTHEIS_MOUNT=str(mp))
+    env["PATH"] = sandbox.agent_path(env.get("PATH"))
+    env["TMPDIR"] = confine(mp, name, cmd, env)
     sys.stdout.flush()
     sys.stderr.flush()
     try:

@@ -28,9 +28,11 @@ def alice_cats(server: Server, inbox: str, errs: str) -> subprocess.CompletedPro
 
 
 def test_an_agent_parks_at_most_max_waiting_requests_the_operator_more(server: Server) -> None:
-    server.write_config("max_waiting = 8\n[agents.alice]\n")
+    out = server.root / "out"  # where alice's processes may write, outside the mount
+    out.mkdir()
+    server.write_config(f'max_waiting = 8\n[agents.alice]\nfiles = {{ "{out}" = "rw" }}\n')
     server.mount()
-    inbox, errs = str(server.agent("alice", "inbox")), server.root / "errs"
+    inbox, errs = str(server.agent("alice", "inbox")), out / "errs"
     r = alice_cats(server, inbox, str(errs))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["8"], "eight wait, the others were refused"
