@@ -24,18 +24,23 @@ processes, reach other processes, or watch the mount:
 
 The x32 ABI is refused whole, and i386's `socketcall` (whose arguments a filter
 cannot see) too.
+
+With the filter, the capabilities that reach past any filesystem or process rule
+(loading kernel modules, raw I/O, `bpf`, administration, ...) leave the bounding
+set: a root agent's programs start without them, and nothing gets them back. The
+process also gets `no_new_privs`: no setuid program or file capability widens it.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 PR_SET_SECCOMP = 22
+PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_MODE_FILTER = 2
 CLONE_PARENT = 0x00008000
@@ -53,6 +58,14 @@ NR, ARCH = 0, 4  # offsets in struct seccomp_data (little-endian)
 ARG = (16, 24, 32)  # low words of the first three arguments
 X32_BIT = 0x40000000
 AUDIT_X86_64 = 0xC000003E
+
+# Capabilities no agent keeps (numbers of linux/capability.h): DAC_READ_SEARCH
+# (open_by_handle_at), NET_ADMIN, NET_RAW, IPC_OWNER, SYS_MODULE, SYS_RAWIO,
+# SYS_PTRACE, SYS_PACCT, SYS_ADMIN, SYS_BOOT, SYS_TIME, SYS_TTY_CONFIG, MKNOD,
+# AUDIT_CONTROL, MAC_OVERRIDE, MAC_ADMIN, SYSLOG, WAKE_ALARM, BLOCK_SUSPEND,
+# AUDIT_READ, PERFMON, BPF, CHECKPOINT_RESTORE.
+DROPPED_CAPS = (2, 12, 13, 15, 16, 17, 19, 20, 21, 22, 25, 26, 27, 30, 32, 33, 34, 35, 36,
+                37, 38, 39, 40)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -163,17 +176,14 @@ def installer(*, net_all: bool = True) -> Callable[[], bool]:
     prctl = ctypes.CDLL(None, use_errno=True).prctl
     zero, one = ctypes.c_ulong(0), ctypes.c_ulong(1)
     mode, ref = ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog)
-    need_nnp = os.geteuid() != 0  # without CAP_SYS_ADMIN the kernel asks for no_new_privs
+    drop, caps = ctypes.c_ulong(PR_CAPBSET_DROP), [ctypes.c_ulong(c) for c in DROPPED_CAPS]
 
     def install() -> bool:
         _keep = (filters, fprog)  # alive as long as this function
-        if need_nnp:
-            prctl(PR_SET_NO_NEW_PRIVS, one, zero, zero, zero)
-        return bool(prctl(PR_SET_SECCOMP, mode, ref, zero, zero) == 0) and bool(_keep)
+        prctl(PR_SET_NO_NEW_PRIVS, one, zero, zero, zero)
+        ok = prctl(PR_SET_SECCOMP, mode, ref, zero, zero) == 0
+        for cap in caps:  # needs CAP_SETPCAP: done by a root server, skipped otherwise
+            prctl(drop, cap, zero, zero, zero)
+        return ok and bool(_keep)
 
     return install
-
-
-def forbid_clone_parent() -> bool:
-    """Install the filter (all sockets allowed but connector ones) in this process now."""
-    return installer()()

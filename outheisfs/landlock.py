@@ -96,7 +96,6 @@ class Ruleset:
             e = ctypes.get_errno()
             raise LandlockError(e, f"landlock_create_ruleset: {os.strerror(e)}")
         self.fd = fd
-        self._nnp = os.geteuid() != 0  # without CAP_SYS_ADMIN the kernel asks for no_new_privs
 
     def allow_path(self, path: str, access: int) -> None:
         """Allow `access` beneath `path` (or on the file `path`)."""
@@ -126,8 +125,7 @@ class Ruleset:
 
     def restrict(self) -> bool:
         """Restrict the calling process (only system calls: runs between fork and exec)."""
-        if self._nnp:
-            _libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), 0, 0, 0)
+        _libc.prctl(PR_SET_NO_NEW_PRIVS, ctypes.c_ulong(1), 0, 0, 0)  # or CAP_SYS_ADMIN needed
         return bool(_syscall(ctypes.c_long(SYS_RESTRICT_SELF), self.fd, 0) == 0)
 
     def close(self) -> None:
