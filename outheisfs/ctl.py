@@ -123,9 +123,7 @@ def root_status(d: Dispatcher, table: Processes) -> str:
 class Commands:
     """Runs the commands written to `agents/NAME/ctl`, and shows the status."""
 
-    def __init__(
-        self, d: Dispatcher, procs: ProcEvents, table: Processes, state: Path
-    ) -> None:
+    def __init__(self, d: Dispatcher, procs: ProcEvents, table: Processes, state: Path) -> None:
         self.d = d
         self.procs = procs
         self.table = table

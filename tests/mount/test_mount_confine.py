@@ -210,7 +210,7 @@ def test_no_agent_reaches_another_process(server: Server) -> None:
         tries = [
             f"{what}:{pid}"
             for pid in (victim, operator.pid, server.pid)
-            for what in ("ptrace", "pidfd_getfd", "vm_readv", "mem", "signal")
+            for what in ("ptrace", "pidfd_getfd", "vm_readv", "mem", "environ", "signal")
         ]
         got = attack(server, "a", *tries)
         for t in tries:

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from outheisfs import confine
+
 from .conftest import PY, Server, outheisfs, take, wait_for
 
 VIEWPROBE = Path(__file__).parent / "agents" / "viewprobe.py"
@@ -240,7 +242,12 @@ class Cell:
 
 
 def matrix(
-    server: Server, me: str, other: str, fds: dict[str, int], confined: bool = True
+    server: Server,
+    me: str,
+    other: str,
+    fds: dict[str, int],
+    confined: bool = True,
+    holder: int = 0,
 ) -> list[Cell]:
     """Operation x path -> what agent `me` (with VIEW) must get [SPEC §6].
 
@@ -399,7 +406,7 @@ def matrix(
     cell("write", "@to-peer", expect="EACCES")
 
     # Hidden files the operator holds open, reached through /proc without a name.
-    proc = f"/proc/{os.getpid()}/fd"
+    proc = f"/proc/{holder or os.getpid()}/fd"
     hdir, hlog, pout = (f"{proc}/{fds[p]}" for p in OPERATOR_HOLDS)
     if confined:
         hidden, log, outbox = OPERATOR_HOLDS
@@ -525,11 +532,29 @@ def test_an_unconfined_agent_is_refused_through_proc_by_the_server(
     matrix_config(server, 'confine = "off"\n')
     server.mount()
     probe = probes.run("me")
-    with operator_fds(server) as fds:
-        cells = [c for c in matrix(server, "me", "sup", fds, confined=False)
+    # The files are held by an operator's process that has no more capabilities than
+    # an agent's (else the kernel would refuse the agent its /proc links anyway).
+    hold = (
+        "import os, sys, time\n"
+        "print(*(os.open(p, os.O_RDONLY) for p in sys.argv[1:]), flush=True)\n"
+        "time.sleep(1000)"
+    )
+    holder = subprocess.Popen(
+        [PY, "-c", hold, *(str(server.mp / p) for p in OPERATOR_HOLDS)],
+        stdout=subprocess.PIPE, text=True, preexec_fn=confine.installer(),
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        fds = dict(zip(OPERATOR_HOLDS, map(int, holder.stdout.readline().split()), strict=True))
+        cells = [c for c in matrix(server, "me", "sup", fds, confined=False, holder=holder.pid)
                  if c.key[-1].startswith("/proc/")]  # fmt: skip
         assert len(cells) == 13
         bad = check_matrix(server, probe, "me", cells)
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
     assert not bad, "\n".join(bad)
 
 
