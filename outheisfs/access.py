@@ -23,7 +23,7 @@ from typing import Protocol
 
 from . import events
 from .dispatcher import Dispatcher
-from .errors import Hidden, NoRight, OutheisError
+from .errors import Hidden, NoRight, OutheisError, OverLimit
 from .names import NOBODY, OPERATOR
 from .operators import Operators, is_stranger, stranger
 from .procevents import ProcEvents
@@ -51,7 +51,9 @@ class Access:
         self.d = d
         self.procs = procs
         self.operators = Operators.resolve(d.config.operators)
-        self._denied: dict[str, tuple[float, float, int]] = {}  # who -> (tokens, when, unlogged)
+        self._denied: dict[
+            str, tuple[float, float, int]
+        ] = {}  # "type who" -> (tokens, when, unlogged)
 
     # -- identity -------------------------------------------------------------------------
 
@@ -121,17 +123,23 @@ class Access:
             return
         e.recorded = True
         if isinstance(e, (Hidden, NoRight)):
-            # Past a burst, at most DENIED_RATE events a second each; the next one
-            # logged says how many were left out.
+            ev = events.denied(who, op, where, e.reason, 0, errno.errorcode.get(e.errno, "EIO"))
+        elif e.errno in QUIET:
+            return
+        else:
+            ev = events.error(where, e.errno, e.reason, who)
+        # An agent looping on refusals (or on requests past its limits) must not
+        # fill the disk: past a burst, at most DENIED_RATE events a second of each
+        # type; the next one logged says how many were left out.
+        if isinstance(e, (Hidden, NoRight, OverLimit)):
+            key = f"{ev['type']} {who}"
             now = time.monotonic()
-            tokens, last, dropped = self._denied.get(who, (DENIED_BURST, now, 0))
+            tokens, last, dropped = self._denied.get(key, (DENIED_BURST, now, 0))
             tokens = min(DENIED_BURST, tokens + (now - last) * DENIED_RATE)
             if tokens < 1:
-                self._denied[who] = (tokens, now, dropped + 1)
+                self._denied[key] = (tokens, now, dropped + 1)
                 return
-            self._denied[who] = (tokens - 1, now, 0)
-            code = errno.errorcode.get(e.errno, str(e.errno))
-            self.d.note(events.denied(who, op, where, e.reason, dropped, code))
-            return
-        if e.errno not in QUIET:
-            self.d.note(events.error(where, e.errno, e.reason, who))
+            self._denied[key] = (tokens - 1, now, 0)
+            if dropped:
+                ev["unlogged"] = dropped
+        self.d.note(ev)

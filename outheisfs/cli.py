@@ -127,13 +127,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from . import mount
+    from . import mount, sandbox
     from .config import load_config
 
     config = load_config(args.config)
     durability = args.durability or config.durability
     mp = Path(args.mountpoint).absolute()
     state = args.state.absolute()
+    try:
+        sandbox.check(config, state)
+    except sandbox.ConfineError as e:
+        print(f"outheisfs: {e}", file=sys.stderr)
+        return 1
     if not args.foreground:
         try:
             mount.check_fuse()

@@ -23,6 +23,9 @@ Restart = Literal["permanent", "transient", "temporary"]
 Durability = Literal["process", "disk"]
 AckMode = Literal["auto", "explicit"]
 Perms = Literal["r", "w", "rw"]
+FilePerms = Literal["r", "w", "rw", "x"]
+Confine = Literal["required", "best-effort", "off"]
+NET_RE = re.compile(r"(connect|bind):([0-9]{1,5})")
 PRIORITIES: tuple[Priority, ...] = ("interactive", "normal", "background")
 
 
@@ -47,6 +50,8 @@ class AgentConfig(BaseModel):
     max_inflight: int = Field(default=20, ge=1, le=100_000)  # explicit: held at once
     ack_wait: float = Field(default=600.0, ge=0)  # explicit: seconds held unacked; 0 = forever
     cooldown: float = Field(default=60.0, ge=0)  # failed: seconds before a start; 0 = never
+    files: dict[str, FilePerms] = Field(default_factory=dict)  # host paths beyond the defaults
+    net: list[str] | Literal["all"] = Field(default_factory=list)  # TCP it may use
 
     @field_validator("command")
     @classmethod
@@ -63,6 +68,32 @@ class AgentConfig(BaseModel):
                 raise ValueError(f"unveil path {path!r} must be absolute within the mount")
         return v
 
+    @field_validator("files")
+    @classmethod
+    def _files(cls, v: dict[str, str]) -> dict[str, str]:
+        for path in v:
+            if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/":
+                raise ValueError(f"files path {path!r} must be an absolute host path")
+        return v
+
+    @field_validator("net", mode="before")
+    @classmethod
+    def _net_shape(cls, v: object) -> object:
+        if isinstance(v, str) and v != "all":
+            raise ValueError(f'net {v!r} is not "all" nor a list like ["connect:443"]')
+        return v
+
+    @field_validator("net")
+    @classmethod
+    def _net(cls, v: list[str] | str) -> list[str] | str:
+        for item in v if isinstance(v, list) else ():
+            m = NET_RE.fullmatch(item)
+            if m is None or int(m[2]) > 65535:
+                raise ValueError(
+                    f"net entry {item!r} is not connect:PORT or bind:PORT (PORT 0-65535)"
+                )
+        return v
+
 
 class Config(BaseModel):
     """The whole file. Limits beyond SPEC §3 have the defaults the spec names."""
@@ -70,6 +101,7 @@ class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     durability: Durability = "process"
+    confine: Confine = "required"  # Landlock for agents' processes
     max_queue: int = Field(default=10_000, ge=1)
     max_message: int = Field(default=1 << 20, ge=64)
     max_attempts: int = Field(default=5, ge=1)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
-from . import events, flows
+from . import events, flows, landlock, sandbox
 from .config import PRIORITIES
 from .dispatcher import Agent, Dispatcher
 from .errors import BadInput, NotFound, NotPermitted
@@ -93,7 +94,9 @@ def pids(proc: ProcState) -> str:
     return ",".join(map(str, proc.live_pids())) or "-"
 
 
-def agent_status(agent: Agent, proc: ProcState) -> str:
+def agent_status(
+    agent: Agent, proc: ProcState, confinement: tuple[tuple[str, str], ...] = ()
+) -> str:
     ac = agent.config
     send = ",".join(ac.send) if ac and ac.send else "-"
     unveil = ",".join(f"{p}:{m}" for p, m in sorted(agent.grants.items())) or "-"
@@ -110,6 +113,7 @@ def agent_status(agent: Agent, proc: ProcState) -> str:
         ("dead", str(agent.dead)),
         ("send", send),
         ("unveil", unveil),
+        *confinement,
     ]
     if ac is not None:
         rows += [
@@ -146,11 +150,12 @@ def root_status(d: Dispatcher, table: Processes) -> str:
 class Commands:
     """Runs the commands written to `agents/NAME/ctl`, and shows the status."""
 
-    def __init__(self, d: Dispatcher, procs: ProcEvents, table: Processes) -> None:
+    def __init__(self, d: Dispatcher, procs: ProcEvents, table: Processes, state: Path) -> None:
         self.d = d
         self.procs = procs
         self.table = table
         self.supervisor: Supervisor | None = None  # set once the mount runs one
+        self.state = state  # for the confinement shown (TMPDIR, the state folder's place)
 
     def status(self, name: str | None) -> bytes:
         """What a ctl file reads as now (the root's if `name` is None). An agent
@@ -162,8 +167,13 @@ class Commands:
             if p.bound:
                 p.bound = self.procs.members({n})
         if name:
-            return agent_status(self.d.agents[name], self.table.of(name)).encode()
+            rights = sandbox.describe(self.policy(name), landlock.abi())
+            return agent_status(self.d.agents[name], self.table.of(name), tuple(rights)).encode()
         return root_status(self.d, self.table).encode()
+
+    def policy(self, name: str) -> sandbox.Policy:
+        """What agent NAME's processes may touch outside the mount."""
+        return sandbox.policy(self.d.config, name, self.state)
 
     async def run(
         self,

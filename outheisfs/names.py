@@ -13,3 +13,4 @@ UNKNOWN = NOBODY  # the label of a process known to be some agent's, but not who
 SERVER = "server"  # `who` of events the server records on its own behalf
 XATTR_PID = b"user.outheisfs.pid"  # on the mount's root: the serving process
 XATTR_SENT = b"user.outheisfs.sent"  # on an inbox or outbox: ids of the caller's last write
+XATTR_POLICY = b"user.outheisfs.confine"  # on the root: the calling agent's confinement

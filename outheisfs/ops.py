@@ -30,7 +30,7 @@ from .ctl import Commands
 from .dispatcher import Dispatcher
 from .errors import Busy, NotPermitted, OutheisError
 from .eventlog import EventLog
-from .names import OPERATOR, XATTR_PID, XATTR_SENT
+from .names import OPERATOR, XATTR_PID, XATTR_POLICY, XATTR_SENT
 from .openfile import Handle, OpenFiles
 from .procevents import ProcEvents
 from .procstate import Processes
@@ -85,7 +85,7 @@ class Operations(pyfuse3.Operations):
         for name in dispatcher.agents:
             self.tree.add_agent(name)
         self.rights = Access(dispatcher, procs)
-        self.commands = Commands(dispatcher, procs, self.table)
+        self.commands = Commands(dispatcher, procs, self.table, log_.state)
         fhs = itertools.count(1)  # one numbering for agent files, folders and vault files
         self.files = OpenFiles(dispatcher, log_, self.rights, procs, self.commands, fhs)
         self.store = Store(log_.state / "vault", VAULT_INODE)
@@ -243,6 +243,12 @@ class Operations(pyfuse3.Operations):
             sent = self.files.sent_by(inode, ctx.pid)
             if sent is not None:
                 return sent
+        if inode == ROOT_INODE and name == XATTR_POLICY:
+            # What `outheisfs run` applies to itself once bound: the caller's own rights.
+            who = self.who(ctx)
+            if who == OPERATOR or who not in self.d.agents:
+                raise pyfuse3.FUSEError(errno.ENODATA)
+            return self.commands.policy(who).to_json()
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     @handler

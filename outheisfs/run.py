@@ -13,6 +13,7 @@ only return an errno, the reason is in that file.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -20,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .confine import forbid_clone_parent
+from . import sandbox
 
 PR_SET_PDEATHSIG = 1
 SHOWN = 5  # reasons printed at most
@@ -60,6 +61,27 @@ def bind(mp: Path, name: str) -> None:
         if e.errno == errno.EPERM:
             raise RunError("an agent's process cannot run as another agent") from None
         raise RunError(f"cannot bind to agent {name!r}: {e.strerror}") from None
+
+
+def confine(mp: Path, name: str, cmd: list[str], env: dict[str, str]) -> str:
+    """Apply agent `name`'s confinement, as the server tells it, to this process;
+    return its TMPDIR. Its seccomp filter also keeps a child of no agent (which
+    could not be told from the operator's) from being made."""
+    try:
+        raw = os.getxattr(mp, sandbox.XATTR_POLICY)
+    except OSError as e:
+        raise RunError(f"cannot learn agent {name!r}'s confinement: {e.strerror}") from None
+    policy = sandbox.Policy.from_json(raw)
+    policy = dataclasses.replace(policy, mount=str(mp), programs=sandbox.programs(cmd, env))
+    try:
+        apply = sandbox.preparer(policy)
+    except OSError as e:
+        raise RunError(f"cannot confine agent {name!r}: {e}") from None
+    ok = apply()
+    sandbox.done(apply)
+    if not ok and policy.confine == "required":
+        raise RunError(f"cannot confine agent {name!r}: {os.strerror(ctypes.get_errno())}")
+    return policy.tmpdir
 
 
 def run(mp: Path, name: str, cmd: list[str]) -> int:
@@ -103,8 +125,9 @@ def _child(mp: Path, name: str, cmd: list[str], parent: int) -> int:
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
         bind(mp, name)
-        forbid_clone_parent()  # a child of no agent could not be told from the operator's
         env = dict(os.environ, OUTHEIS_AGENT=name, OUTHEIS_MOUNT=str(mp))
+        env["PATH"] = sandbox.agent_path(env.get("PATH"))
+        env["TMPDIR"] = confine(mp, name, cmd, env)
         try:
             os.execvpe(cmd[0], cmd, env)
         except OSError as e:

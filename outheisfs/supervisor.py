@@ -21,6 +21,7 @@ grandchild is ended with its agent too.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import os
 import queue
@@ -36,9 +37,8 @@ from typing import TypeVar
 
 import trio
 
-from . import events, flows, procinfo
+from . import events, flows, procinfo, sandbox
 from .config import AgentConfig
-from .confine import installer
 from .dispatcher import Dispatcher
 from .errors import BadInput
 from .procevents import ProcEvents
@@ -183,17 +183,20 @@ class Spawner:
         return result[0]
 
 
-def _die_with_server(server: int) -> Callable[[], None]:
+def _die_with_server(
+    server: int, confine: Callable[[], bool], required: bool
+) -> Callable[[], None]:
     """For the child, before exec: SIGKILL when the server dies, even by SIGKILL;
-    and no clone(CLONE_PARENT) for it or its descendants (see confine.py)."""
+    then its confinement (Landlock and seccomp, see sandbox.py and confine.py)."""
     libc = ctypes.CDLL(None, use_errno=True)
-    confine = installer()
 
     def child() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != server:  # the server died before the prctl
             os._exit(1)
-        confine()
+        if not confine() and required:
+            os.write(2, b"outheisfs: cannot confine this agent process; not started\n")
+            os._exit(126)
 
     return child
 
@@ -213,6 +216,7 @@ class Supervisor:
         self.table = table or Processes(dispatcher.config)
         self.procs = procs
         self.mountpoint = mountpoint
+        self.state = state
         self.output = state / "output"
         self.home = home
         self.grace = grace
@@ -276,15 +280,24 @@ class Supervisor:
         return [str((self.home / c).resolve()) if c.startswith(("./", "../")) else c for c in cmd]
 
     def _env(self, runner: Runner, inst: Instance) -> dict[str, str]:
-        env = dict(os.environ)
+        env = dict(os.environ, PATH=sandbox.agent_path(os.environ.get("PATH")))
         env.update(runner.config.env)
         env.update(
             OUTHEIS_AGENT=runner.name,
             OUTHEIS_MOUNT=str(self.mountpoint),
             OUTHEIS_HOME=str(self.home),
             OUTHEIS_INSTANCE=str(inst.index),
+            TMPDIR=self.policy(runner.name).tmpdir,
         )
         return env
+
+    def policy(
+        self, name: str, cmd: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> sandbox.Policy:
+        p = sandbox.policy(self.d.config, name, self.state, self.mountpoint)
+        if cmd is None:
+            return p
+        return dataclasses.replace(p, programs=sandbox.programs(cmd, env or dict(os.environ)))
 
     async def _start_all(self, runner: Runner) -> None:
         runner.wanted = True
@@ -304,18 +317,26 @@ class Supervisor:
 
         since = time.monotonic()
 
+        policy = self.policy(name, cmd, env)
+
         def spawn() -> subprocess.Popen[bytes]:
-            with self.procs.spawning(inst.label):
-                return subprocess.Popen(
-                    cmd,
-                    cwd=cwd,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=_die_with_server(os.getpid()),
-                )
+            confine = sandbox.preparer(policy)  # here: it opens paths in the mount
+            try:
+                with self.procs.spawning(inst.label):
+                    return subprocess.Popen(
+                        cmd,
+                        cwd=cwd,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        preexec_fn=_die_with_server(
+                            os.getpid(), confine, policy.confine == "required"
+                        ),
+                    )
+            finally:
+                sandbox.done(confine)
 
         try:
             popen = await self._spawner.run(spawn)

@@ -28,9 +28,11 @@ def alice_cats(server: Server, inbox: str, errs: str) -> subprocess.CompletedPro
 
 
 def test_an_agent_parks_at_most_max_waiting_requests_the_operator_more(server: Server) -> None:
-    server.write_config("max_waiting = 8\n[agents.alice]\n")
+    out = server.root / "out"  # where alice's processes may write, outside the mount
+    out.mkdir()
+    server.write_config(f'max_waiting = 8\n[agents.alice]\nfiles = {{ "{out}" = "rw" }}\n')
     server.mount()
-    inbox, errs = str(server.agent("alice", "inbox")), server.root / "errs"
+    inbox, errs = str(server.agent("alice", "inbox")), out / "errs"
     r = alice_cats(server, inbox, str(errs))
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["8"], "eight wait, the others were refused"
@@ -86,3 +88,41 @@ def test_an_agent_holds_at_most_max_unfinished_bytes_of_unterminated_lines(
     refused = [e for e in server.events("error") if e["errno"] == "ENOBUFS"]
     assert len(refused) == 1 and refused[0]["who"] == "alice"
     assert "max 1048576" in refused[0]["why"]
+
+
+# One read parks (the agent's one allowed wait); then 3,000 more each refused at once.
+FLOOD = """
+import os, sys, threading, time
+inbox = sys.argv[1]
+threading.Thread(target=lambda: os.read(os.open(inbox, os.O_RDONLY), 100), daemon=True).start()
+time.sleep(0.5)
+refused = 0
+t0 = time.monotonic()
+for _ in range(3000):
+    fd = os.open(inbox, os.O_RDONLY)
+    try:
+        os.read(fd, 100)
+    except OSError:
+        refused += 1
+    os.close(fd)
+print(refused, time.monotonic() - t0)
+os._exit(0)
+"""
+
+
+def test_refused_waits_are_error_events_at_a_bounded_rate(server: Server) -> None:
+    """An agent looping on reads refused past max_waiting must not fill the log:
+    like `denied` events, a burst of 1,000, then 100 a second, and the next one
+    logged counts those left out."""
+    server.write_config("max_waiting = 1\n[agents.alice]\n")
+    server.mount()
+    inbox = str(server.agent("alice", "inbox"))
+    r = outheisfs("run", "alice", "--mount", str(server.mp), "--", PY, "-c", FLOOD, inbox)
+    assert r.returncode == 0, r.stderr
+    refused, took = r.stdout.split()
+    assert int(refused) == 3000
+    errors = [e for e in server.events("error") if e["errno"] == "ENOBUFS"]
+    assert 1000 <= len(errors) <= 1000 + 100 * float(took) + 2
+    r = outheisfs("run", "alice", "--mount", str(server.mp), "--", PY, "-c", FLOOD, inbox)
+    later = [e for e in server.events("error") if e["errno"] == "ENOBUFS"][len(errors) :]
+    assert later and later[0].get("unlogged", 0) > 0

@@ -318,6 +318,7 @@ stop_grace = 0.5
 [agents.tree]
 command = ["{AGENTS / "tree.sh"}"]
 env = {{ PIDS = "{pids}" }}
+files = {{ "{pids}" = "w" }}
 """
     )
     return pids

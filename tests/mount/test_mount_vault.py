@@ -118,7 +118,8 @@ def as_agent(server: Server, name: str, script: str) -> str:
 
 STEPS = """
 try() {
-  if "$@" >/dev/null 2>/tmp/err.$$; then echo ok; else echo "no: $(tail -c 80 /tmp/err.$$)"; fi
+  err="$TMPDIR/err.$$"  # agents write only their TMPDIR outside the mount
+  if "$@" >/dev/null 2>"$err"; then echo ok; else echo "no: $(tail -c 80 "$err")"; fi
 }
 try cat vault/notes/a.txt
 try sh -c 'echo more >> vault/notes/a.txt'

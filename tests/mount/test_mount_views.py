@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from outheisfs import confine
+
 from .conftest import PY, Server, outheisfs, take, wait_for
 
 VIEWPROBE = Path(__file__).parent / "agents" / "viewprobe.py"
@@ -42,6 +44,8 @@ class Probe:
     """One viewprobe process, asked over FIFOs: `do(ops)` returns their results."""
 
     def __init__(self, root: Path, tag: str) -> None:
+        root = root / "io"  # the agents' `files` (see `io`)
+        root.mkdir(exist_ok=True)
         self.fin = root / f"{tag}.in"
         self.fout = root / f"{tag}.out"
         for fifo in (self.fin, self.fout):
@@ -150,6 +154,13 @@ def probes(server: Server) -> Iterator[Probes]:
                 p.proc.wait()
 
 
+def io(server: Server) -> str:
+    """The config line that lets an agent's processes use the probes' FIFOs and
+    outputs, outside the mount (they are confined to their paths)."""
+    (server.root / "io").mkdir(exist_ok=True)
+    return f'files = {{ "{server.root / "io"}" = "rw" }}\n'
+
+
 def probe_agent(server: Server, name: str, extra: str = "") -> str:
     """Config lines for a supervised viewprobe agent NAME (its FIFOs are tagged NAME)."""
     p = Probe(server.root, name)
@@ -157,7 +168,7 @@ def probe_agent(server: Server, name: str, extra: str = "") -> str:
         f"[agents.{name}]\n"
         f'command = ["{PY}", "{VIEWPROBE}"]\n'
         f'env = {{ PROBE_IN = "{p.fin}", PROBE_OUT = "{p.fout}" }}\n'
-        f"{extra}"
+        f"{io(server)}{extra}"
     )
 
 
@@ -230,15 +241,25 @@ class Cell:
         return " ".join(self.key)
 
 
-def matrix(server: Server, me: str, other: str, fds: dict[str, int]) -> list[Cell]:
+def matrix(
+    server: Server,
+    me: str,
+    other: str,
+    fds: dict[str, int],
+    confined: bool = True,
+    holder: int = 0,
+) -> list[Cell]:
     """Operation x path -> what agent `me` (with VIEW) must get [SPEC §6].
 
-    A path is relative to the mount; "@NAME" is NAME in the test's folder (outside
-    the mount); "/proc/..." reaches an operator's open file without a lookup by name.
-    ENOENT and EACCES are refusals, with a `denied` event, unless `denied=False`
-    (the name exists for no one, or the kernel answered by itself).
+    A path is relative to the mount; "@NAME" is NAME in the agents' `io` folder
+    (outside the mount); "/proc/..." reaches an operator's open file without a
+    lookup by name: the kernel refuses that to a confined agent (EACCES: no
+    process of the operator's is within its reach), and the server refuses it to
+    an unconfined one. ENOENT and EACCES are refusals, with a `denied` event,
+    unless `denied=False` (the name exists for no one, or the kernel answered by
+    itself).
     """
-    mp, root = str(server.mp), str(server.root)
+    mp, root = str(server.mp), str(server.root / "io")
     a = f"agents/{me}"
     cells: list[Cell] = []
 
@@ -385,8 +406,20 @@ def matrix(server: Server, me: str, other: str, fds: dict[str, int]) -> list[Cel
     cell("write", "@to-peer", expect="EACCES")
 
     # Hidden files the operator holds open, reached through /proc without a name.
-    proc = f"/proc/{os.getpid()}/fd"
+    proc = f"/proc/{holder or os.getpid()}/fd"
     hdir, hlog, pout = (f"{proc}/{fds[p]}" for p in OPERATOR_HOLDS)
+    if confined:
+        hidden, log, outbox = OPERATOR_HOLDS
+        for via, op, *paths in [
+            (hidden, "stat", hdir), (hidden, "listdir", hdir),
+            (f"{hidden}/log", "stat", f"{hdir}/log"), (f"{hidden}/inbox", "read", f"{hdir}/inbox"),
+            (f"{hidden}/x", "mkdir", f"{hdir}/x"), (f"{hidden}/x", "symlink", "x", f"{hdir}/x"),
+            (log, "rename", f"{hdir}/log", f"{hdir}/x"),
+            (log, "stat", hlog), (log, "read", hlog), (log, "truncate", hlog), (log, "write", hlog),
+            (outbox, "read", pout), (outbox, "write", pout),
+        ]:  # fmt: skip
+            cell(op, *paths, expect="EACCES", denied=False, via=via)
+        return cells
     cell("stat", hdir, expect="ENOENT", via="agents/hidden")
     cell("listdir", hdir, expect="ENOENT", via="agents/hidden")
     cell("stat", f"{hdir}/log", expect="ENOENT", via="agents/hidden/log")
@@ -431,8 +464,9 @@ def row_first(c: Cell, me: str) -> bool:
 
 def plant_symlinks(server: Server) -> None:
     """Symlinks outside the mount, made by the operator, into the mount."""
-    os.symlink(server.p("agents", "hidden", "log"), server.root / "to-hidden")
-    os.symlink(server.p("agents", "peer", "outbox"), server.root / "to-peer")
+    (server.root / "io").mkdir(exist_ok=True)
+    os.symlink(server.p("agents", "hidden", "log"), server.root / "io" / "to-hidden")
+    os.symlink(server.p("agents", "peer", "outbox"), server.root / "io" / "to-peer")
 
 
 def check_matrix(server: Server, probe: Probe, me: str, cells: list[Cell]) -> list[str]:
@@ -457,10 +491,10 @@ def check_matrix(server: Server, probe: Probe, me: str, cells: list[Cell]) -> li
     return bad
 
 
-def matrix_config(server: Server) -> None:
+def matrix_config(server: Server, top: str = "") -> None:
     server.write_config(
-        "stop_grace = 0.5\n"
-        f"[agents.me]\n{VIEW}"
+        f"{top}stop_grace = 0.5\n"
+        f"[agents.me]\n{VIEW}{io(server)}"
         + probe_agent(server, "sup", VIEW)
         + "[agents.friend]\n[agents.peer]\n[agents.hidden]\n"
     )
@@ -488,6 +522,40 @@ def test_matrix_of_operations_and_paths(server: Server, probes: Probes, kind: st
     assert not server.events("message")
     assert sorted(os.listdir(server.p("agents"))) == EVERYONE
     assert sorted(os.listdir(server.p("agents", me))) == FILES
+
+
+def test_an_unconfined_agent_is_refused_through_proc_by_the_server(
+    server: Server, probes: Probes
+) -> None:
+    """The server's own defence, where the kernel's is off: an operator's open
+    files reached through /proc answer as their names would."""
+    matrix_config(server, 'confine = "off"\n')
+    server.mount()
+    probe = probes.run("me")
+    # The files are held by an operator's process that has no more capabilities than
+    # an agent's (else the kernel would refuse the agent its /proc links anyway).
+    hold = (
+        "import os, sys, time\n"
+        "print(*(os.open(p, os.O_RDONLY) for p in sys.argv[1:]), flush=True)\n"
+        "time.sleep(1000)"
+    )
+    holder = subprocess.Popen(
+        [PY, "-c", hold, *(str(server.mp / p) for p in OPERATOR_HOLDS)],
+        stdout=subprocess.PIPE, text=True, preexec_fn=confine.installer(),
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        fds = dict(zip(OPERATOR_HOLDS, map(int, holder.stdout.readline().split()), strict=True))
+        cells = [c for c in matrix(server, "me", "sup", fds, confined=False, holder=holder.pid)
+                 if c.key[-1].startswith("/proc/")]  # fmt: skip
+        assert len(cells) == 13
+        bad = check_matrix(server, probe, "me", cells)
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert not bad, "\n".join(bad)
 
 
 def test_opening_a_log_for_writing_is_a_refusal_of_the_view(server: Server, probes: Probes) -> None:
@@ -605,7 +673,7 @@ def test_every_descendant_is_the_agent(server: Server, probes: Probes, kind: str
     assert len(denied) >= 3 * len(wrappers) and {e["who"] for e in denied} == {me}
     if kind == "run":
         # A child that outlives the agent's first process.
-        out = server.root / "orphan.json"
+        out = server.root / "io" / "orphan.json"
         child = probe.one(["orphan", as_agent(server, me, "orphan"), str(out)])
         probe.exit()
         assert probe.proc is not None and probe.proc.returncode == 0
@@ -758,7 +826,7 @@ NARROW_VIEW = 'send = ["friend"]\nunveil = { "/agents/peer" = "rw", "/log" = "r"
 def narrow_config(server: Server) -> None:
     server.write_config(
         "stop_grace = 0.5\n"
-        f"[agents.me]\n{NARROW_VIEW}"
+        f"[agents.me]\n{NARROW_VIEW}{io(server)}"
         + probe_agent(server, "sup", NARROW_VIEW)
         + "[agents.friend]\n[agents.peer]\n[agents.hidden]\n"
     )
@@ -864,7 +932,7 @@ def test_other_agents_cannot_change_a_view(server: Server, probes: Probes) -> No
     """boss reads me's folder, but may not write `unveil` to me's ctl."""
     narrow_config(server)
     assert server.config is not None
-    server.write_config(server.config.read_text() + BOSS_SEES_ME)
+    server.write_config(server.config.read_text() + BOSS_SEES_ME + io(server))
     server.mount()
     boss = probes.run("boss")
     me = probes.run("me")
@@ -882,7 +950,7 @@ def test_send_rights_and_replies_through_the_outbox(server: Server, probes: Prob
     server.write_config(
         "stop_grace = 0.5\n"
         + probe_agent(server, "sup", 'send = ["friend"]\n')
-        + '[agents.boss]\nsend = ["sup"]\n[agents.friend]\n'
+        + f'[agents.boss]\nsend = ["sup"]\n{io(server)}[agents.friend]\n'
     )
     server.mount()
     sup = probes.supervised("sup")

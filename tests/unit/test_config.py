@@ -149,6 +149,18 @@ def test_defaults() -> None:
         ('[agents.echo]\n[vault]\nnotes = "nobody"', "vault.notes"),
         ('[vault]\nnotes = "user"', "vault.notes"),
         ('[agents.echo]\n[vault]\n"Bad Domain" = "echo"', "vault.Bad Domain"),
+        # confinement
+        ('confine = "maybe"', "confine"),
+        ("confine = true", "confine"),
+        ('[agents.echo]\nfiles = { "/srv" = "rx" }', "agents.echo.files./srv"),
+        ('[agents.echo]\nfiles = { "srv" = "r" }', "agents.echo.files"),
+        ('[agents.echo]\nfiles = { "/srv/../etc" = "r" }', "agents.echo.files"),
+        ('[agents.echo]\nnet = "some"', "agents.echo.net"),
+        ('[agents.echo]\nnet = ["connect"]', "agents.echo.net"),
+        ('[agents.echo]\nnet = ["connect:http"]', "agents.echo.net"),
+        ('[agents.echo]\nnet = ["connect:65536"]', "agents.echo.net"),
+        ('[agents.echo]\nnet = ["listen:80"]', "agents.echo.net"),
+        ("[agents.echo]\nnet = [443]", "agents.echo.net"),
     ],
 )
 def test_refusal_names_the_key(text: str, key: str) -> None:
@@ -248,3 +260,16 @@ def test_load_config_missing_path(tmp_path: Path) -> None:
 
 def test_home_is_not_a_key() -> None:
     assert "home: unknown key" in refused('home = "/tmp"\n')
+
+
+def test_confinement_keys() -> None:
+    c = parse(
+        'confine = "best-effort"\n[agents.a]\nfiles = { "/srv" = "rw", "/opt/x" = "x" }\n'
+        'net = ["connect:443", "bind:0"]\n[agents.b]\nnet = "all"\n[agents.c]\n'
+    )
+    assert c.confine == "best-effort"
+    assert c.agents["a"].files == {"/srv": "rw", "/opt/x": "x"}
+    assert c.agents["a"].net == ["connect:443", "bind:0"]
+    assert c.agents["b"].net == "all"
+    assert c.agents["c"].net == [] and c.agents["c"].files == {}
+    assert parse("").confine == "required"
