@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import load_config
+from .config import HOST_RE, load_config
 from .dispatcher import Dispatcher
 from .errors import ConfigError, LogDamaged
 from .eventlog import EventLog
@@ -30,6 +30,7 @@ def build_parser() -> Parser:
     m.add_argument("--state", type=Path, default=Path(".outheis"))
     m.add_argument("--foreground", action="store_true")
     m.add_argument("--durability", choices=["process", "disk"])
+    m.add_argument("--host", help="this mount's host name in a cluster (default: hostname)")
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     u = sub.add_parser("umount", help="stop the server and unmount")
@@ -50,6 +51,7 @@ def build_parser() -> Parser:
     b = sub.add_parser("bench", help="measure against a minimal pyfuse3 filesystem")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--json", action="store_true")
+    b.add_argument("--cluster", metavar="URL,...", help="NATS servers: the cluster rows")
     return p
 
 
@@ -82,6 +84,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from . import mount
 
     config = load_config(args.config)
+    if args.host is not None and not HOST_RE.fullmatch(args.host):
+        raise ConfigError(f"--host: {args.host!r} must match {HOST_RE.pattern}")
+    if config.cluster is not None:  # honest until the dispatcher runs on the stream
+        print(
+            "outheisfs: [cluster]: mounting on several hosts is not wired in yet "
+            "(see docs/cluster.md); without the [cluster] table this host mounts alone",
+            file=sys.stderr,
+        )
+        return 1
     durability = args.durability or config.durability
     mp = Path(args.mountpoint).absolute()
     state = args.state.absolute()
@@ -93,6 +104,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             print(f"outheisfs: {e}", file=sys.stderr)
             return e.status
         argv = ["mount", str(mp), "--state", str(state), "--durability", durability]
+        if args.host is not None:
+            argv += ["--host", args.host]
         if args.config is not None:
             argv += ["--config", str(args.config.absolute())]
         elif Path("outheis.toml").exists():
@@ -106,7 +119,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         level=logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    opts = mount.Options(config=config, mountpoint=mp, state=state, durability=durability)
+    opts = mount.Options(
+        config=config, mountpoint=mp, state=state, durability=durability, host=args.host
+    )
     return mount.run_foreground(opts, args.ready_fd)
 
 
@@ -127,6 +142,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.cluster is not None:
+        from .cluster.bench import main as cluster_bench
+
+        return cluster_bench(args.cluster.split(","), args.quick, args.json)
     from . import bench
 
     return bench.main(args.quick, args.json)
