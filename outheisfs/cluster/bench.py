@@ -25,6 +25,7 @@ from typing import Any
 import nats
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client
 from nats.js import JetStreamContext, api
 
 STREAM = "outheisbench"
@@ -76,7 +77,7 @@ async def writes(js: JetStreamContext, n: int) -> Row:
 
 async def roundtrips(urls: list[str], js: JetStreamContext, n: int) -> Row:
     """Echo through the stream between two connections; p50 and p99 in ms."""
-    echo_nc = await nats.connect(servers=urls)
+    echo_nc = await _connect(urls)
     echo_js = echo_nc.jetstream()
     start = (await js.stream_info(STREAM)).state.last_seq + 1
     pol = api.DeliverPolicy.BY_START_SEQUENCE
@@ -126,8 +127,18 @@ async def roundtrips(urls: list[str], js: JetStreamContext, n: int) -> Row:
     )
 
 
+async def _connect(urls: list[str]) -> Client:
+    async def quiet(e: Exception) -> None:  # one line at the end, not a traceback per try
+        pass
+
+    return await asyncio.wait_for(
+        nats.connect(servers=urls, connect_timeout=2, max_reconnect_attempts=1, error_cb=quiet),
+        10,
+    )
+
+
 async def measure(urls: list[str], quick: bool) -> tuple[int, list[Row]]:
-    nc = await nats.connect(servers=urls, connect_timeout=5)
+    nc = await _connect(urls)
     js = nc.jetstream(timeout=10)
     replicas = min(3, len(urls))
     try:
@@ -157,8 +168,9 @@ def main(urls: list[str], quick: bool, as_json: bool) -> int:
     urls = [u.strip() for u in urls if u.strip()]
     try:
         replicas, rows = asyncio.run(measure(urls, quick))
-    except (nats.errors.Error, OSError) as e:
-        print(f"outheisfs: bench --cluster: {type(e).__name__}: {e}", file=sys.stderr)
+    except (nats.errors.Error, OSError, TimeoutError) as e:
+        why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        print(f"outheisfs: bench --cluster {','.join(urls)}: {why}", file=sys.stderr)
         return 1
     if as_json:
         info: dict[str, Any] = {"servers": urls, "replicas": replicas, "label": LABEL}

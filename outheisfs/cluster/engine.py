@@ -16,7 +16,9 @@ called from trio.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,6 +36,7 @@ from nats.js import JetStreamContext, api
 from ..config import ClusterConfig
 from .bridge import Bridge
 
+log = logging.getLogger(__name__)
 DUPLICATE_WINDOW = 120.0  # s: longer than any retry of one publish
 ATTEMPT_TIMEOUT = 2.0  # s: one round of publishes waits this long for its acks
 FETCH_BATCH = 1000  # events handed to trio at most per wake-up
@@ -77,6 +80,7 @@ class ConnectOptions:
             "reconnect_time_wait": self.reconnect_wait,
             "max_reconnect_attempts": -1,  # keep trying: the limit is the publish's
             "allow_reconnect": True,
+            "error_cb": _quiet_error,
         }
         if self.credentials:
             kw["user_credentials"] = self.credentials
@@ -85,6 +89,12 @@ class ConnectOptions:
             kw["tls"] = tls
         kw.update(self.extra)
         return kw
+
+
+async def _quiet_error(e: Exception) -> None:
+    # nats-py reports each failed (re)connect through this; without it, a traceback
+    # per attempt on stderr. The engine's callers get one clear exception instead.
+    log.debug("nats: %s: %s", type(e).__name__, e)
 
 
 def connect_options(cfg: ClusterConfig, home: Path, name: str = "outheisfs") -> ConnectOptions:
@@ -145,7 +155,10 @@ class Engine:
                 nats.errors.TimeoutError,
                 nats.errors.NoRespondersError,
                 nats.js.errors.ServiceUnavailableError,
-            ):
+                nats.js.errors.BadRequestError,  # "no suitable peers": members still joining
+            ) as e:
+                if isinstance(e, nats.js.errors.BadRequestError) and e.err_code != 10005:
+                    raise
                 if loop.time() > deadline:
                     raise EngineUnavailable(
                         f"stream {self.stream!r}: JetStream did not answer within "
@@ -239,23 +252,21 @@ class Engine:
 
         return await self.bridge.call(info)
 
-    async def read_all(self, until: int | None = None) -> AsyncIterator[Stored]:
-        """Every event from seq 1 (to `until`, else to the end as of now), in order."""
+    @asynccontextmanager
+    async def read_all(self, until: int | None = None) -> AsyncIterator[Follower]:
+        """Every event from seq 1 to `until` (else to the end as of now), in order.
+
+        `async with engine.read_all() as events: async for ev in events: ...`
+        (for `replay` on the stream): memory holds one batch, not the stream.
+        """
         end = await self.last_seq() if until is None else until
-        if end < 1:
-            return
-        async with self.follow(1) as events:
-            async for ev in events:
-                if ev.seq > end:
-                    break
-                yield ev
-                if ev.seq >= end:
-                    break
+        async with self.follow(1, until=end) as events:
+            yield events
 
     @asynccontextmanager
-    async def follow(self, from_seq: int = 1) -> AsyncIterator[Follower]:
-        """Every event from `from_seq` on, in order, as it is stored (`async for`)."""
-        follower = Follower(self, max(1, from_seq))
+    async def follow(self, from_seq: int = 1, until: int | None = None) -> AsyncIterator[Follower]:
+        """Every event from `from_seq` on (to `until`), in order, as it is stored."""
+        follower = Follower(self, max(1, from_seq), until)
         try:
             yield follower
         finally:
@@ -279,9 +290,11 @@ class Follower:
     (bounded by JetStream flow control) until the trio side asks for them.
     """
 
-    def __init__(self, engine: Engine, from_seq: int) -> None:
+    def __init__(self, engine: Engine, from_seq: int, until: int | None = None) -> None:
         self.engine = engine
         self.next_seq = from_seq
+        self.until = until
+        self._buffer: deque[Stored] = deque()
         self._sub: Any = None
         self.resubscribed = 0
 
@@ -344,16 +357,29 @@ class Follower:
             self._sub = None
 
     async def next_batch(self) -> list[Stored]:
-        """From trio: the next events in seq order (waits for at least one)."""
-        return await self.engine.bridge.call(self._take)
+        """From trio: the next events in seq order (waits for at least one).
 
-    def __aiter__(self) -> AsyncIterator[Stored]:
-        return self._iter()
+        Past `until`: an empty list.
+        """
+        if self._buffer:
+            out, self._buffer = list(self._buffer), deque()
+            return out
+        if self.until is not None and self.next_seq > self.until:
+            return []
+        out = await self.engine.bridge.call(self._take)
+        if self.until is not None:
+            out = [ev for ev in out if ev.seq <= self.until]
+        return out
 
-    async def _iter(self) -> AsyncIterator[Stored]:
-        while True:
-            for ev in await self.next_batch():
-                yield ev
+    def __aiter__(self) -> Follower:
+        return self
+
+    async def __anext__(self) -> Stored:
+        if not self._buffer:
+            self._buffer = deque(await self.next_batch())
+            if not self._buffer:
+                raise StopAsyncIteration
+        return self._buffer.popleft()
 
 
 @asynccontextmanager
@@ -371,9 +397,10 @@ async def open_engine(
     try:
 
         async def connect() -> Client:
+            # nats-py retries a first connection as long as later ones (for ever): bound it.
             try:
-                return await nats.connect(**options.kwargs())
-            except (nats.errors.Error, OSError) as e:
+                return await asyncio.wait_for(nats.connect(**options.kwargs()), publish_timeout)
+            except (nats.errors.Error, OSError, TimeoutError) as e:
                 raise EngineUnavailable(
                     f"cannot reach the NATS servers {', '.join(options.servers)}: "
                     f"{type(e).__name__}: {e}"

@@ -149,6 +149,19 @@ class LocalCluster:
                 return str(meta["leader"])
         return None
 
+    def _peers_current(self, running: int) -> bool:
+        """The leader sees every other running server as a current peer."""
+        for s in self.servers:
+            if s.proc is None or s.proc.poll() is not None:
+                continue
+            jsz = self._jsz(s)
+            meta = jsz.get("meta_cluster") if jsz else None
+            if isinstance(meta, dict) and meta.get("leader") == s.name:
+                peers = meta.get("replicas") or []
+                current = [p for p in peers if isinstance(p, dict) and p.get("current")]
+                return len(current) >= running - 1
+        return False
+
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait until every running server agrees on a meta leader."""
         deadline = time.monotonic() + timeout
@@ -157,7 +170,7 @@ class LocalCluster:
             if not running:
                 raise LocalClusterError("no nats-server is running")
             leaders = {self.leader(i) for i in running}
-            if len(leaders) == 1 and None not in leaders:
+            if len(leaders) == 1 and None not in leaders and self._peers_current(len(running)):
                 return
             for s in self.servers:
                 if s.proc is not None and s.proc.poll() is not None and s.proc.returncode > 0:

@@ -1,0 +1,58 @@
+"""Helpers of the cluster tests: a TCP proxy, and a host in a process of its own.
+
+The proxy stands between a client and one server so that a test can cut the
+client off the engine and let it back, on loopback only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from outheisfs.cluster.local import free_ports
+
+HOST_SCRIPT = Path(__file__).parent / "agents" / "cluster_host.py"
+
+
+class Proxy:
+    """Forwards 127.0.0.1:`port` to 127.0.0.1:`target` until stopped; can start again."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = free_ports(1)[0]
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    async def _pipe(self, a: trio.SocketStream, b: trio.SocketStream) -> None:
+        try:
+            while data := await a.receive_some(65536):
+                await b.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        async with client:
+            try:
+                server = await trio.open_tcp_stream("127.0.0.1", self.target)
+            except OSError:
+                return
+            async with server, trio.open_nursery() as n:
+                n.start_soon(self._pipe, client, server)
+                await self._pipe(server, client)
+                n.cancel_scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self._scope:
+            listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
+            async with trio.open_nursery() as n:
+                task_status.started()
+                await n.start(trio.serve_listeners, self._handle, listeners)
+
+    def stop(self) -> None:
+        """Close the listener and every connection through it."""
+        if self._scope is not None:
+            self._scope.cancel()
