@@ -6,6 +6,7 @@ client off the engine and let it back, on loopback only.
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import trio
@@ -56,3 +57,25 @@ class Proxy:
         """Close the listener and every connection through it."""
         if self._scope is not None:
             self._scope.cancel()
+
+
+def make_certs(folder: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = {n: folder / f"{n}.pem" for n in ("ca", "ca-key", "server", "server-key", "client")}
+    f["client-key"] = folder / "client-key.pem"
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    days = ["-days", "2"]
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(f["ca-key"]),
+        "-out", str(f["ca"]), "-subj", "/CN=test-ca", *days)  # fmt: skip
+    for who, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(f[f"{who}-key"]),
+            "-out", f"{who}.csr", "-subj", f"/CN={who}")  # fmt: skip
+        extfile = folder / f"{who}.ext"
+        extfile.write_text(ext + "\n")
+        run("x509", "-req", "-in", f"{who}.csr", "-CA", str(f["ca"]), "-CAkey", str(f["ca-key"]),
+            "-CAcreateserial", "-out", str(f[who]), "-extfile", str(extfile), *days)  # fmt: skip
+    return f

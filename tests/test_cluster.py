@@ -7,6 +7,7 @@ fsync on every store) on loopback; see `cluster_helpers.py`.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,12 +24,14 @@ from outheisfs.cluster.engine import (
     ConnectOptions,
     Engine,
     EngineUnavailable,
+    connect_options,
     open_engine,
 )
 from outheisfs.cluster.hosts import Change, HostClaimLost, HostNameInUse, Hosts
 from outheisfs.cluster.local import LocalCluster
+from outheisfs.config import ClusterConfig
 
-from .cluster_helpers import HOST_SCRIPT, Proxy
+from .cluster_helpers import HOST_SCRIPT, Proxy, make_certs
 
 pytestmark = pytest.mark.cluster
 STREAM = "t"
@@ -349,6 +352,26 @@ async def test_a_host_cut_off_past_its_lease_learns_it_lost_the_name(
         outer.cancel_scope.cancel()
 
 
+async def test_a_rewrite_whose_answer_was_lost_does_not_lose_the_name(
+    nats_cluster: LocalCluster,
+) -> None:
+    async with open_engine(opts(nats_cluster), STREAM, 3) as e, trio.open_nursery() as n:
+        hosts = Hosts(e, "alpha", 60.0)
+        await n.start(hosts.run)
+
+        async def rewrite(value: bytes) -> None:  # stored, but the host never heard back
+            assert hosts._kv is not None
+            await hosts._kv.update("alpha", value, last=hosts._rev)
+
+        await e.bridge.call(rewrite, hosts._value())
+        await e.bridge.call(hosts._refresh)  # still ours: goes on
+        other = json.dumps({"host": "alpha", "claim": "someone else"}).encode()
+        await e.bridge.call(rewrite, other)
+        with pytest.raises(HostClaimLost):
+            await e.bridge.call(hosts._refresh)
+        hosts.stop()
+
+
 # -- the reference figures ---------------------------------------------------------------
 
 BENCH = [sys.executable, "-m", "outheisfs", "bench", "--cluster"]
@@ -386,3 +409,27 @@ def test_bench_cluster_without_servers_is_one_line() -> None:
     )
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "bench --cluster" in r.stderr
+
+
+# -- TLS, passed through to the client -------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls_options_reach_the_client(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    cluster = LocalCluster(
+        tmp_path / "nats", tls=(certs["server"], certs["server-key"], certs["ca"])
+    )
+    with cluster:
+        table = ClusterConfig(
+            servers=cluster.urls, tls_ca="certs/ca.pem", tls_cert="certs/client.pem",
+            tls_key="certs/client-key.pem",
+        )  # fmt: skip
+        good = connect_options(table, tmp_path)  # relative paths: against the config's folder
+        async with open_engine(good, STREAM, 3) as e:
+            assert await e.publish(batch("tls", 2)) == [1, 2]
+        # The servers verify clients: without a certificate, no connection.
+        no_cert = ConnectOptions(cluster.urls, tls_ca=str(certs["ca"]))
+        with pytest.raises(EngineUnavailable, match="cannot reach"):
+            async with open_engine(no_cert, STREAM, 3, publish_timeout=2.0):
+                pass

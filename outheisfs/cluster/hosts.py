@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class Hosts:
         self._send, self.changes = trio.open_memory_channel[Change](1000)
         self._kv: KeyValue | None = None
         self._rev = 0
+        self._nonce = secrets.token_hex(8)  # tells this claim from any other of the name
         self._sub: Any = None
         self._stopped = trio.Event()
 
@@ -105,7 +107,9 @@ class Hosts:
             return []
 
     def _value(self) -> bytes:
-        return json.dumps({"host": self.name, "pid": os.getpid(), "ts": time.time()}).encode()
+        return json.dumps(
+            {"host": self.name, "claim": self._nonce, "pid": os.getpid(), "ts": time.time()}
+        ).encode()
 
     async def _claim(self) -> None:
         assert self._kv is not None
@@ -121,11 +125,25 @@ class Hosts:
         assert self._kv is not None
         try:
             self._rev = await self._kv.update(self.name, self._value(), last=self._rev)
+            return
         except nats.js.errors.KeyWrongLastSequenceError:
-            raise HostClaimLost(
-                f"host name {self.name!r}: the lease lapsed (no word for "
-                f"{self.host_timeout:g} s) or another host took it"
-            ) from None
+            pass
+        # An earlier rewrite whose answer was lost may have been stored: still ours?
+        try:
+            entry = await self._kv.get(self.name)
+            mine = entry.value is not None and json.loads(entry.value)["claim"] == self._nonce
+        except (nats.js.errors.KeyNotFoundError, ValueError, KeyError, TypeError):
+            mine = False
+        if mine and entry.revision is not None:
+            try:
+                self._rev = await self._kv.update(self.name, self._value(), last=entry.revision)
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+        raise HostClaimLost(
+            f"host name {self.name!r}: the lease lapsed (no word for "
+            f"{self.host_timeout:g} s) or another host took it"
+        )
 
     async def _release(self) -> None:
         if self._sub is not None:

@@ -65,6 +65,8 @@ class LocalCluster:
     root: Path
     size: int = 3
     name: str = "outheis"
+    # Client TLS: (certificate, key, CA) files; with a CA, clients must show a certificate.
+    tls: tuple[Path, Path, Path] | None = None
     servers: list[Server] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -80,7 +82,8 @@ class LocalCluster:
 
     @property
     def urls(self) -> list[str]:
-        return [s.url for s in self.servers]
+        scheme = "tls" if self.tls else "nats"
+        return [s.url.replace("nats://", f"{scheme}://") for s in self.servers]
 
     def _write_conf(self, s: Server) -> Path:
         s.folder.mkdir(parents=True, exist_ok=True)
@@ -90,7 +93,8 @@ class LocalCluster:
             f"server_name: {s.name}\n"
             f"listen: 127.0.0.1:{s.client}\n"
             f"http: 127.0.0.1:{s.monitor}\n"
-            f"jetstream {{ store_dir: {json.dumps(str(s.folder / 'js'))}, "
+            + self._tls_conf()
+            + f"jetstream {{ store_dir: {json.dumps(str(s.folder / 'js'))}, "
             "sync_interval: always }\n"
             # no_advertise: clients reach only the servers they were given (a proxy stays
             # between them), never the addresses the cluster would gossip.
@@ -98,6 +102,12 @@ class LocalCluster:
             f" routes: [{routes}] }}\n"
         )
         return conf
+
+    def _tls_conf(self) -> str:
+        if self.tls is None:
+            return ""
+        cert, key, ca = (json.dumps(str(p)) for p in self.tls)
+        return f"tls {{ cert_file: {cert}, key_file: {key}, ca_file: {ca}, verify: true }}\n"
 
     def start(self, i: int | None = None) -> None:
         """Start every server (or server `i` again, with the same ports and data)."""
