@@ -23,6 +23,7 @@ pytest.importorskip("nats")
 from outheisfs.cluster.engine import (
     ConnectOptions,
     Engine,
+    EngineError,
     EngineUnavailable,
     connect_options,
     open_engine,
@@ -107,6 +108,35 @@ async def test_a_retried_publish_is_stored_once(nats_cluster: LocalCluster) -> N
         assert Counter(m for _, m in await stream_ids(e)) == Counter(
             [f"x-{i}" for i in range(4)] + ["y-0"]
         )
+
+
+async def test_events_gone_from_the_stream_are_skipped_not_waited_for(
+    nats_cluster: LocalCluster,
+) -> None:
+    async with open_engine(opts(nats_cluster), STREAM, 3) as e:
+        assert await stream_ids(e) == []  # an empty stream reads as nothing
+        await e.publish(batch("x", 6))
+
+        async def remove(*seqs: int) -> None:
+            for seq in seqs:
+                await e.js.delete_msg(STREAM, seq)
+
+        await e.bridge.call(remove, 1, 2, 4)
+        async with e.follow(1) as f:
+            got = [ev.seq for ev in await f.next_batch()]
+            with trio.fail_after(10):
+                while got[-1] < 6:
+                    got += [ev.seq for ev in await f.next_batch()]
+            assert got == [3, 5, 6]
+            assert f.skipped == 3
+        assert [s for s, _ in await stream_ids(e)] == [3, 5, 6]
+
+
+async def test_an_event_over_max_payload_fails_at_once(nats_cluster: LocalCluster) -> None:
+    async with open_engine(opts(nats_cluster), STREAM, 3) as e:
+        with trio.fail_after(5), pytest.raises(EngineError, match="max_payload"):
+            await e.publish([("big", b"x" * (2 << 20))])
+        assert await e.publish(batch("small", 1)) == [1]
 
 
 async def test_stream_is_made_with_the_replicas_asked_for(nats_cluster: LocalCluster) -> None:

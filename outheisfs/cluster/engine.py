@@ -212,6 +212,11 @@ class Engine:
                     futs[i] = await self.js.publish_async(
                         self.subject, data, headers={"Nats-Msg-Id": mid}
                     )
+            except nats.errors.MaxPayloadError:
+                raise EngineError(
+                    f"an event is larger than the servers' max_payload "
+                    f"({self.nc.max_payload} bytes): raise max_payload in their config"
+                ) from None
             except (nats.errors.Error, OSError) as e:
                 last = e
             if futs:
@@ -296,7 +301,9 @@ class Follower:
         self.until = until
         self._buffer: deque[Stored] = deque()
         self._sub: Any = None
-        self.resubscribed = 0
+        self._gap_at: int | None = None
+        self.resubscribed = 0  # gaps seen: a new subscription from the first seq missing
+        self.skipped = 0  # seqs not in the stream any more
 
     async def _subscribe(self) -> None:
         if self._sub is not None:
@@ -336,17 +343,21 @@ class Follower:
                 if ev.seq < self.next_seq:
                     continue
                 if ev.seq > self.next_seq:
-                    self.resubscribed += 1
-                    self._sub = await self._restart()
-                    break
+                    if self._gap_at == self.next_seq:
+                        # Asked again from next_seq, the stream starts later: those
+                        # events are not in it (removed by its limits or by hand).
+                        self.skipped += ev.seq - self.next_seq
+                        self.next_seq = ev.seq
+                    else:
+                        self._gap_at = self.next_seq
+                        self.resubscribed += 1
+                        await self.close()  # the loop subscribes again from next_seq
+                        break
+                self._gap_at = None
                 out.append(ev)
                 self.next_seq += 1
             if out:
                 return out
-
-    async def _restart(self) -> Any:
-        await self._subscribe()
-        return self._sub
 
     async def close(self) -> None:
         if self._sub is not None:
