@@ -306,7 +306,7 @@ async def test_a_host_that_stops_beating_is_gone_after_host_timeout(
                 assert await hosts.changes.receive() == Change("h2", False)
             now = trio.current_time()
             assert now - hosts.last_seen["h2"] >= timeout  # from its last word, not sooner
-            assert now - t0 < timeout * 2.5
+            assert now - t0 < timeout * 3
             assert hosts.alive() == {"h1"}
             hosts.stop()
     finally:
@@ -344,7 +344,7 @@ async def test_a_host_name_is_refused_while_live_and_free_after(
             with trio.fail_after(10):  # its lease lapses after host_timeout
                 while await claim(e, "alpha", timeout) is not None:
                     await trio.sleep(0.1)
-            assert trio.current_time() - t0 < 4 * timeout
+            assert trio.current_time() - t0 < 5 * timeout
             # A clean stop gives the name back at once.
             assert await claim(e, "alpha", timeout) is None
     finally:
