@@ -365,7 +365,7 @@ async def test_a_host_cut_off_past_its_lease_learns_it_lost_the_name(
             open_engine(opts(nats_cluster), STREAM, 3) as h2,
         ):
             hosts = Hosts(h1, "alpha", timeout)
-            with pytest.RaisesGroup(pytest.RaisesExc(HostClaimLost, match="'alpha'")):
+            with pytest.RaisesGroup(pytest.RaisesExc(HostClaimLost, match="'alpha': the lease")):
                 async with trio.open_nursery() as n:
                     await n.start(hosts.run)
                     for p in proxies:

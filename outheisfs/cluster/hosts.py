@@ -80,7 +80,8 @@ class Hosts:
         self._rev = 0
         self._nonce = secrets.token_hex(8)  # tells this claim from any other of the name
         self._sub: Any = None
-        self._stopped = trio.Event()
+        self._scope = trio.CancelScope()
+        self._lost: HostClaimLost | None = None
 
     # -- asyncio half ------------------------------------------------------------------
 
@@ -201,26 +202,37 @@ class Hosts:
             await call(self._watch, trio.lowlevel.current_trio_token())
             await call(self._beat)
             task_status.started()
-            next_refresh = trio.current_time() + self.period
-            with trio.move_on_after(float("inf")) as self._scope:
-                while True:
-                    await trio.sleep(min(self.period, self.host_timeout / 8))
-                    now = trio.current_time()
-                    for host, t in self.last_seen.items():
-                        if host not in self.gone and now - t >= self.host_timeout:
-                            self.gone.add(host)
-                            self._report(Change(host, False))
-                    if now >= next_refresh:
-                        next_refresh = now + self.period
-                        try:
-                            await call(self._beat)
-                            await call(self._refresh)
-                        except (EngineUnavailable, nats.errors.Error, OSError):
-                            pass  # unreachable now: try again next period
+            with self._scope:
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._keep_claim)  # may wait on the servers, so apart
+                    await self._watch_gone()
+            if self._lost is not None:
+                raise self._lost
         finally:
             with trio.CancelScope(shield=True):
                 await call(self._release)
-                self._stopped.set()
+
+    async def _keep_claim(self) -> None:
+        while True:
+            await trio.sleep(self.period)
+            try:
+                await self.engine.bridge.call(self._beat)
+                await self.engine.bridge.call(self._refresh)
+            except HostClaimLost as e:
+                self._lost = e  # `run` raises it, alone
+                self._scope.cancel()
+                return
+            except (EngineUnavailable, nats.errors.Error, OSError):
+                pass  # unreachable now: try again next period
+
+    async def _watch_gone(self) -> None:
+        while True:
+            await trio.sleep(self.host_timeout / 8)
+            now = trio.current_time()
+            for host, t in self.last_seen.items():
+                if host not in self.gone and now - t >= self.host_timeout:
+                    self.gone.add(host)
+                    self._report(Change(host, False))
 
     def stop(self) -> None:
         """End `run` and give the name back (it is free at once)."""
