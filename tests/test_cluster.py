@@ -463,3 +463,14 @@ async def test_tls_options_reach_the_client(tmp_path: Path) -> None:
         with pytest.raises(EngineUnavailable, match="cannot reach"):
             async with open_engine(no_cert, STREAM, 3, publish_timeout=2.0):
                 pass
+
+
+def test_the_bridge_measurement_runs() -> None:
+    """docs/design.md's figures come from this script: keep it working (short run)."""
+    script = Path(__file__).parent.parent / "tools" / "measure_bridge.py"
+    r = subprocess.run(
+        [sys.executable, str(script), "64"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr
+    assert "trio, thread bridge, 64 writers" in r.stdout
+    assert "asyncio, no bridge, 1 writer" in r.stdout
