@@ -467,7 +467,7 @@ async def test_tls_options_reach_the_client(tmp_path: Path) -> None:
 
 def test_the_bridge_measurement_runs() -> None:
     """docs/design.md's figures come from this script: keep it working (short run)."""
-    script = Path(__file__).parent.parent / "tools" / "measure_bridge.py"
+    script = Path(__file__).resolve().parents[2] / "tools" / "measure_bridge.py"
     r = subprocess.run(
         [sys.executable, str(script), "64"], capture_output=True, text=True, timeout=300
     )

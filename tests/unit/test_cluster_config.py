@@ -12,7 +12,12 @@ import pytest
 from outheisfs.config import parse_config
 from outheisfs.errors import ConfigError
 
-from .conftest import outheisfs
+
+def outheisfs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "outheisfs", *args], capture_output=True, text=True, timeout=60
+    )
+
 
 CLUSTER = """
 [cluster]
@@ -82,6 +87,9 @@ PLAIN_MODULES = [
     "outheisfs.supervisor",
     "outheisfs.eventlog",
     "outheisfs.config",
+    "outheisfs.access",
+    "outheisfs.openfile",
+    "outheisfs.ctl",
     "outheisfs.bench",
     "outheisfs.run",
 ]
