@@ -27,6 +27,8 @@ modules listed below it, and `bench` stands apart):
     vault       the vault's backing folder, reached without following symlinks
     views       who sees what: an agent's view of the tree (unveil)
     tree        the file tree as one table of rows (rights, content), inodes
+    cluster     the layer under the multi-host mode on NATS JetStream (hosts,
+                engine, bridge, local servers, bench); imported only with [cluster]
     models      messages and envelopes, ids, timestamps
     lines       cutting writes into lines
     config      the TOML configuration, checked with pydantic

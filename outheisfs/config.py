@@ -18,6 +18,7 @@ from .names import OPERATOR
 from .operators import Operators
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+HOST_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")  # a subject token or dotted tokens
 Priority = Literal["interactive", "normal", "background"]
 Restart = Literal["permanent", "transient", "temporary"]
 Durability = Literal["process", "disk"]
@@ -52,6 +53,22 @@ class AgentConfig(BaseModel):
     cooldown: float = Field(default=60.0, ge=0)  # failed: seconds before a start; 0 = never
     files: dict[str, FilePerms] = Field(default_factory=dict)  # host paths beyond the defaults
     net: list[str] | Literal["all"] = Field(default_factory=list)  # TCP it may use
+    host: str | list[str] | None = None  # with [cluster]: where its processes run
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str | list[str] | None) -> str | list[str] | None:
+        for h in [v] if isinstance(v, str) else v or []:
+            if not HOST_RE.fullmatch(h) or len(h) > 64:
+                raise ValueError(f"host {h!r} must match {HOST_RE.pattern}")
+        if isinstance(v, list) and not v:
+            raise ValueError("host must name at least one host")
+        return v
+
+    @property
+    def hosts(self) -> list[str]:
+        """The hosts its processes may run on, in order of preference."""
+        return [self.host] if isinstance(self.host, str) else list(self.host or [])
 
     @field_validator("command")
     @classmethod
@@ -95,6 +112,29 @@ class AgentConfig(BaseModel):
         return v
 
 
+class ClusterConfig(BaseModel):
+    """`[cluster]`: several hosts on one event log kept by NATS JetStream."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    servers: list[str] = Field(min_length=1)
+    stream: str = Field(default="outheis", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    replicas: int = Field(default=3, ge=1, le=5)
+    host_timeout: float = Field(default=10.0, gt=0)
+    credentials: str | None = None  # a NATS .creds file
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @field_validator("servers")
+    @classmethod
+    def _servers(cls, v: list[str]) -> list[str]:
+        for url in v:
+            if not re.fullmatch(r"(nats|tls)://[^\s/]+", url):
+                raise ValueError(f"server {url!r} must be nats://HOST:PORT or tls://HOST:PORT")
+        return v
+
+
 class Config(BaseModel):
     """The whole file. Limits beyond SPEC §3 have the defaults the spec names."""
 
@@ -114,6 +154,7 @@ class Config(BaseModel):
     vault: dict[str, str] = Field(default_factory=dict)
     # Users whose processes act as the operator, beside the mounting user and root:
     operators: list[str | int] = Field(default_factory=list)
+    cluster: ClusterConfig | None = None
     home: Path = Field(default=Path("."), exclude=True)
 
     def check_names(self) -> None:
@@ -127,6 +168,11 @@ class Config(BaseModel):
                 raise ConfigError(f"agents.{name}: 'user' is reserved for the operator")
             if not valid_name(name):
                 raise ConfigError(f"agents.{name}: agent name must match {NAME_RE.pattern}")
+            if self.cluster is not None and agent.command is not None and agent.host is None:
+                raise ConfigError(
+                    f"agents.{name}.host: missing: with [cluster], an agent with a command "
+                    "must name the host(s) its processes run on"
+                )
             for target in agent.send:
                 if target != "*" and target != OPERATOR and target not in self.agents:
                     raise ConfigError(f"agents.{name}.send: unknown agent {target!r}")

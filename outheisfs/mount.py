@@ -53,6 +53,7 @@ class Options:
     mountpoint: Path
     state: Path
     durability: str
+    host: str | None = None  # --host: this mount's name in a cluster (not used alone)
 
 
 # -- checks before mounting ----------------------------------------------------------
