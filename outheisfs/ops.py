@@ -20,7 +20,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
@@ -209,12 +209,7 @@ class Operations(pyfuse3.Operations):
         judged from the mode bits it would see."""
         who = self.who(ctx)
         if self.store.holds(inode):
-            bits = (await self.vault.getattr(inode, who)).st_mode
-            return not (
-                (mode & os.R_OK and not bits & 0o444)
-                or (mode & os.W_OK and not bits & 0o222)
-                or (mode & os.X_OK and not bits & 0o111)
-            )
+            return await self.vault.access(inode, mode, who)
         node = self._node(inode)
         bits = self._attrs(node, self.rights.visible(who, node.path, "access")).st_mode
         if mode & os.R_OK and not bits & 0o444:
@@ -225,12 +220,9 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        """Filesystem figures: block size and the longest name; no counts."""
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 64
-        s.f_files = 0  # a count of agents would tell an agent how many it cannot see
-        return s
+        """The figures of the vault's backing filesystem (so `df` and free-space
+        checks work), and the longest name the vault accepts."""
+        return self.vault.statfs()
 
     @handler
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -263,14 +255,15 @@ class Operations(pyfuse3.Operations):
         """Open a folder for listing; return its handle. The caller's view is
         decided here: `readdir` is not told who asks."""
         who = self.who(ctx)
-        if self.store.holds(inode):
-            self.vault.see(who, self.vault.path(inode), "readdir")
+        if self._in_vault(inode):
+            fh = next(self._fhs)
+            self.vault.opendir(fh, inode, who)
         else:
             node = self._node(inode)
             if not node.row.is_dir:
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             self._visible(who, node, "readdir")
-        fh = next(self._fhs)
+            fh = next(self._fhs)
         self.dirs[fh] = (inode, who)
         return fh
 
@@ -280,11 +273,7 @@ class Operations(pyfuse3.Operations):
         False; an entry outside the opener's view is absent."""
         inode, who = self.dirs[fh]
         if self._in_vault(inode):
-            listing = self.vault.listing(inode, who)
-            for i, (raw, attrs) in enumerate(listing[start_id:], start_id + 1):
-                if not pyfuse3.readdir_reply(token, raw, attrs, i):
-                    break
-            return
+            return self.vault.readdir(fh, start_id, who, token)
         node = self._node(inode)
         entries = self.tree.children(node, list(self.d.agents))
         for i, (name, child_inode) in enumerate(entries[start_id:], start_id + 1):
@@ -301,6 +290,16 @@ class Operations(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         """The folder handle is closed."""
         self.dirs.pop(fh, None)
+        self.vault.releasedir(fh)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """The kernel dropped its references: vault inodes let their files go."""
+        for inode, n in inode_list:
+            if self.store.holds(inode):
+                try:
+                    self.vault.forget(inode, n)
+                except Exception:  # forget must never raise
+                    log.exception("forget %d", inode)
 
     @handler
     async def mkdir(

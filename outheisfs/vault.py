@@ -1,4 +1,4 @@
-"""The vault: a shared knowledge base of ordinary files, one owner per domain [SPEC §7].
+"""The vault: a shared knowledge base of ordinary files, one owner per domain [SPEC §7, §14].
 
 `vault/` shows a real folder in the state folder (STATE/vault). Each top-level
 folder named in the config's [vault] table is a domain with one owner agent:
@@ -6,13 +6,21 @@ only that agent (and the operator) may change anything inside; others read what
 they were granted with `unveil`. Everything else in the vault is the operator's.
 Every change is a `vault` event: who, which operation, which path; never contents.
 
-The backing folder is reached only through file descriptors, one path component
-at a time with O_NOFOLLOW, so a symlink inside the vault (or a folder renamed
-under a request) never leads the server outside it; symlinks are followed by
-the kernel, in the caller's own right, as on any filesystem.
+An inode the kernel knows is a backing file, not a path: each holds an O_PATH
+descriptor of its file, taken when the kernel looks the name up, and kept until
+the kernel forgets the number and the last open file of it is closed. So a file
+stays usable through its open descriptors after it is unlinked or replaced by a
+rename (as on any local filesystem), and an open of a name that another process
+renames over at that moment opens the file the name led to at lookup.
 
-Inode numbers: the kernel knows vault entries by numbers from VAULT_BASE up,
-handed out per backing (device, inode) and kept for the mount's life.
+The backing folder is reached only through those descriptors, one name at a time
+with O_NOFOLLOW, so a symlink inside the vault (or a folder renamed under a
+request) never leads the server outside it; symlinks are followed by the kernel,
+in the caller's own right, as on any filesystem. Each inode also remembers the
+name it was last seen by (its parent inode and name): views and events speak of
+paths.
+
+This module raises OSError; `vaultops` turns it into errno replies.
 """
 
 from __future__ import annotations
@@ -20,37 +28,83 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 VAULT_BASE = 1 << 40  # far above the tree's inode numbers
+NAME_MAX = 255  # the longest name accepted, and what statvfs reports
+# Flags the backing open never takes: creation is done by `create`, a symlink is
+# never followed by the server, and O_DIRECT would ask the backing file for
+# aligned buffers that FUSE does not give (the kernel does direct I/O itself).
+NOT_PASSED = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_DIRECT | os.O_NOCTTY
 
 
-def fail(code: int) -> OSError:
-    """The error the store raises: an OSError with its errno (ops maps it)."""
-    return OSError(code, os.strerror(code))
+def fail(code: int, why: str = "") -> OSError:
+    return OSError(code, why or os.strerror(code))
+
+
+@dataclass(eq=False)
+class Inode:
+    """A backing file the kernel knows by `number`."""
+
+    number: int
+    key: tuple[int, int]  # backing (st_dev, st_ino)
+    parent: Inode | None  # the name it was last seen by: parent folder and name
+    name: str
+    fd: int = -1  # O_PATH descriptor; -1 until needed (a listing hands out numbers)
+    lookups: int = 0  # the kernel's references [FUSE forget]
+    opens: int = 0  # open files of it
+    kids: int = 0  # known inodes that name it as their parent
+
+    @property
+    def path(self) -> str:
+        """Relative to the vault root ("" for the root)."""
+        parts = []
+        node: Inode | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        return "/".join(reversed(parts))
+
+    def proc(self) -> str:
+        """A path that reaches this very file through its descriptor."""
+        return f"/proc/self/fd/{self.fd}"
 
 
 @dataclass(eq=False)
 class VaultFile:
     fd: int
-    path: str  # relative to the vault root
+    ino: Inode
     who: str
     written: bool = False  # a `vault` write event was logged for this open file
 
+    @property
+    def path(self) -> str:
+        return self.ino.path
+
+
+@dataclass(eq=False)
+class Listing:
+    """An open folder: its names as of the start of the listing. Offsets are
+    positions in this list, so they stay valid while the folder changes."""
+
+    ino: Inode
+    names: list[str] = field(default_factory=list)
+    uniform: int | None = None  # the mode mask of every entry, when all show the same
+
 
 class Store:
-    """The backing folder, its inode numbers and the open files."""
+    """The backing folder, its inodes and the open files."""
 
     def __init__(self, root: Path, root_inode: int) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.root_inode = root_inode
-        self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-        self._paths: dict[int, str] = {root_inode: ""}
-        self._numbers: dict[tuple[int, int], int] = {}
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        self.top = Inode(root_inode, (st.st_dev, st.st_ino), None, "", fd, lookups=1)
+        self._inodes: dict[int, Inode] = {root_inode: self.top}
+        self._keys: dict[tuple[int, int], Inode] = {self.top.key: self.top}
         self._next = VAULT_BASE
         self.files: dict[int, VaultFile] = {}
 
@@ -58,167 +112,255 @@ class Store:
         for f in self.files.values():
             os.close(f.fd)
         self.files.clear()
-        os.close(self._root_fd)
+        for ino in self._inodes.values():
+            if ino.fd >= 0:
+                os.close(ino.fd)
+                ino.fd = -1
+        self._inodes.clear()
+        self._keys.clear()
 
     def holds(self, inode: int) -> bool:
         return inode >= VAULT_BASE
 
-    # -- paths and numbers -------------------------------------------------------------
+    def known(self) -> int:
+        """Inodes held (the root included): for tests and statistics."""
+        return len(self._inodes)
 
-    def path(self, inode: int) -> str:
-        path = self._paths.get(inode)
-        if path is None:
-            raise fail(errno.ENOENT)
-        return path
+    # -- inodes ------------------------------------------------------------------------
+
+    def inode(self, number: int) -> Inode:
+        ino = self._inodes.get(number)
+        if ino is None:
+            raise fail(errno.ENOENT, "inode not known")
+        return ino
+
+    def path(self, number: int) -> str:
+        return self.inode(number).path
 
     @staticmethod
-    def join(parent: str, name: str) -> str:
+    def check_name(name: str) -> str:
         if not name or "/" in name or name in (".", ".."):
             raise fail(errno.EINVAL)
         try:
-            name.encode()
+            raw = name.encode()
         except UnicodeEncodeError:  # a name that is not UTF-8 could not be logged
-            raise fail(errno.EINVAL) from None
+            raise fail(errno.EINVAL, "name is not UTF-8") from None
+        if len(raw) > NAME_MAX:
+            raise fail(errno.ENAMETOOLONG)
+        return name
+
+    @staticmethod
+    def join(parent: str, name: str) -> str:
+        name = Store.check_name(name)
         return f"{parent}/{name}" if parent else name
 
-    def number(self, path: str, st: os.stat_result) -> int:
+    def fd(self, ino: Inode) -> int:
+        """The inode's O_PATH descriptor, opened by its name if not held yet; a
+        name that now leads to another file is ENOENT for this inode."""
+        if ino.fd >= 0:
+            return ino.fd
+        if ino.parent is None:
+            raise fail(errno.ENOENT)
+        fd = os.open(ino.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd(ino.parent))
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != ino.key:
+            os.close(fd)
+            raise fail(errno.ENOENT, "name now leads to another file")
+        ino.fd = fd
+        return fd
+
+    def _adopt(self, parent: Inode, name: str, st: os.stat_result) -> Inode:
+        """The inode of the file `name` in `parent` (stat'ed as `st`), made known
+        if new; a known one now goes by this name."""
         key = (st.st_dev, st.st_ino)
-        inode = self._numbers.get(key)
-        if inode is None:
-            inode = self._next
+        ino = self._keys.get(key)
+        if ino is None:
+            ino = Inode(self._next, key, parent, name)
             self._next += 1
-            self._numbers[key] = inode
-        self._paths[inode] = path
-        return inode
+            self._inodes[ino.number] = ino
+            self._keys[key] = ino
+            parent.kids += 1
+        elif ino.parent is not None and (ino.parent is not parent or ino.name != name):
+            self._reparent(ino, parent, name)
+        return ino
 
-    def forget(self, path: str) -> None:
-        """The name is gone: numbers that knew the entry by it (or below it) drop it,
-        so a request by number never reaches whatever takes the name next."""
-        for inode, p in list(self._paths.items()):
-            if (p == path or p.startswith(path + "/")) and inode != self.root_inode:
-                del self._paths[inode]
+    def _reparent(self, ino: Inode, parent: Inode, name: str) -> None:
+        old = ino.parent
+        ino.parent, ino.name = parent, name
+        if old is not parent:
+            parent.kids += 1
+            if old is not None:
+                old.kids -= 1
+                self._maybe_drop(old)
 
-    def moved(self, old: str, new: str) -> None:
-        """After a rename: every known path at or below `old` is now below `new`."""
-        for inode, path in list(self._paths.items()):
-            if path == old:
-                self._paths[inode] = new
-            elif path.startswith(old + "/"):
-                self._paths[inode] = new + path[len(old) :]
-
-    # -- reaching the backing folder ---------------------------------------------------
-
-    @contextmanager
-    def parent_fd(self, path: str) -> Iterator[tuple[int, str]]:
-        """(descriptor of the folder holding `path`, last name), walked one
-        component at a time without following symlinks."""
-        parts = path.split("/") if path else []
-        if not parts:
-            raise fail(errno.EINVAL)
-        fd = os.dup(self._root_fd)
-        try:
-            for part in parts[:-1]:
-                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+    def entry(self, parent: Inode, name: str) -> tuple[Inode, os.stat_result]:
+        """Look `name` up in `parent`: its inode, with a descriptor held, and its
+        attributes. The caller counts the kernel's reference (`looked_up`)."""
+        st = os.stat(name, dir_fd=self.fd(parent), follow_symlinks=False)
+        ino = self._adopt(parent, name, st)
+        if ino.fd < 0:
+            try:
+                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.fd(parent))
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE):
+                    raise
+                return ino, st  # out of descriptors: reached by its name, as a listing's are
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != ino.key:  # replaced between the two calls
                 os.close(fd)
-                fd = nxt
-            yield fd, parts[-1]
-        finally:
-            os.close(fd)
+                raise fail(errno.ENOENT, "replaced during lookup")
+            ino.fd = fd
+        return ino, st
 
-    def lstat(self, path: str) -> os.stat_result:
-        if not path:
-            return os.stat(self._root_fd)
-        with self.parent_fd(path) as (fd, name):
-            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    def stat_in(self, parent: Inode, name: str) -> tuple[Inode, os.stat_result]:
+        """Like `entry`, without taking a descriptor (for listings)."""
+        st = os.stat(name, dir_fd=self.fd(parent), follow_symlinks=False)
+        return self._adopt(parent, name, st), st
 
-    def listdir(self, path: str) -> list[tuple[str, os.stat_result]]:
-        if path:
-            with self.parent_fd(path) as (pfd, name):
-                fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=pfd)
-        else:
-            fd = os.dup(self._root_fd)
+    def looked_up(self, ino: Inode) -> None:
+        if ino is not self.top:
+            ino.lookups += 1
+
+    def forget(self, number: int, n: int) -> None:
+        ino = self._inodes.get(number)
+        if ino is None or ino is self.top:
+            return
+        ino.lookups = max(0, ino.lookups - n)
+        self._maybe_drop(ino)
+
+    def _maybe_drop(self, ino: Inode) -> None:
+        while ino is not self.top and ino.lookups == 0 and ino.opens == 0 and ino.kids == 0:
+            if self._inodes.pop(ino.number, None) is None:
+                return
+            if self._keys.get(ino.key) is ino:
+                del self._keys[ino.key]
+            if ino.fd >= 0:
+                os.close(ino.fd)
+                ino.fd = -1
+            parent = ino.parent
+            if parent is None:
+                return
+            parent.kids -= 1
+            ino = parent
+
+    def moved(self, st: os.stat_result, new_parent: Inode, new_name: str) -> None:
+        """After a rename through the mount of the file `st`: it goes by its new name."""
+        ino = self._keys.get((st.st_dev, st.st_ino))
+        if ino is not None and ino.parent is not None:
+            self._reparent(ino, new_parent, new_name)
+
+    # -- the backing files -------------------------------------------------------------
+
+    def lstat(self, ino: Inode) -> os.stat_result:
+        return os.stat(self.fd(ino))
+
+    def open(self, ino: Inode, flags: int) -> int:
+        """Regular files only: the kernel opens FIFOs and devices without asking
+        the server, so no view would apply to them."""
+        fd = self.fd(ino)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise fail(errno.EPERM, "not a regular file")
+        out = os.open(ino.proc(), (flags & ~NOT_PASSED) | os.O_CLOEXEC)
+        ino.opens += 1
+        return out
+
+    def create(self, parent: Inode, name: str, flags: int, mode: int) -> tuple[int, Inode]:
+        # O_NONBLOCK: a FIFO put there from outside must not hang the server.
+        flags = (flags & ~NOT_PASSED) | (flags & os.O_EXCL) | os.O_CREAT | os.O_NOFOLLOW
+        fd = os.open(name, flags | os.O_NONBLOCK | os.O_CLOEXEC, mode, dir_fd=self.fd(parent))
         try:
-            out = []
-            for name in sorted(os.listdir(fd)):
-                try:
-                    out.append((name, os.stat(name, dir_fd=fd, follow_symlinks=False)))
-                except FileNotFoundError:
-                    continue
-            return out
-        finally:
-            os.close(fd)
-
-    def open(self, path: str, flags: int, mode: int = 0o644) -> int:
-        """Regular files only, opened without blocking (a FIFO put in the backing
-        folder from outside would otherwise hang the server)."""
-        with self.parent_fd(path) as (pfd, name):
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK, mode, dir_fd=pfd)
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise fail(errno.EPERM)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise fail(errno.EPERM, "not a regular file")
+            ino = self._adopt(parent, name, st)
+            if ino.fd < 0:  # the very file just opened, whatever the name means by now
+                ino.fd = os.open(f"/proc/self/fd/{fd}", os.O_PATH | os.O_CLOEXEC)
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        ino.opens += 1
+        return fd, ino
 
-    def mkdir(self, path: str, mode: int) -> None:
-        with self.parent_fd(path) as (fd, name):
-            os.mkdir(name, mode, dir_fd=fd)
+    def closed(self, f: VaultFile) -> None:
+        os.close(f.fd)
+        f.ino.opens -= 1
+        self._maybe_drop(f.ino)
 
-    def mknod(self, path: str, mode: int) -> None:
-        with self.parent_fd(path) as (fd, name):
-            os.mknod(name, mode, dir_fd=fd)
+    def listdir(self, ino: Inode) -> list[str]:
+        self.fd(ino)
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        fd = os.open(ino.proc(), flags) if ino.parent else os.dup(ino.fd)
+        try:
+            return sorted(os.listdir(fd))
+        finally:
+            os.close(fd)
 
-    def rmdir(self, path: str) -> None:
-        with self.parent_fd(path) as (fd, name):
-            os.rmdir(name, dir_fd=fd)
+    def mkdir(self, parent: Inode, name: str, mode: int) -> None:
+        os.mkdir(name, mode, dir_fd=self.fd(parent))
 
-    def unlink(self, path: str) -> None:
-        with self.parent_fd(path) as (fd, name):
-            os.unlink(name, dir_fd=fd)
+    def mknod(self, parent: Inode, name: str, mode: int) -> None:
+        os.mknod(name, mode, dir_fd=self.fd(parent))
 
-    def rename(self, old: str, new: str) -> None:
-        with self.parent_fd(old) as (ofd, oname), self.parent_fd(new) as (nfd, nname):
-            os.rename(oname, nname, src_dir_fd=ofd, dst_dir_fd=nfd)
+    def rmdir(self, parent: Inode, name: str) -> None:
+        os.rmdir(name, dir_fd=self.fd(parent))
 
-    def symlink(self, target: str, path: str) -> None:
-        with self.parent_fd(path) as (fd, name):
-            os.symlink(target, name, dir_fd=fd)
+    def unlink(self, parent: Inode, name: str) -> None:
+        os.unlink(name, dir_fd=self.fd(parent))
 
-    def readlink(self, path: str) -> str:
-        with self.parent_fd(path) as (fd, name):
-            return os.readlink(name, dir_fd=fd)
+    def rename(self, parent: Inode, name: str, new_parent: Inode, new_name: str) -> None:
+        os.rename(name, new_name, src_dir_fd=self.fd(parent), dst_dir_fd=self.fd(new_parent))
 
-    def link(self, old: str, new: str) -> None:
-        with self.parent_fd(old) as (ofd, oname), self.parent_fd(new) as (nfd, nname):
-            os.link(oname, nname, src_dir_fd=ofd, dst_dir_fd=nfd, follow_symlinks=False)
+    def symlink(self, parent: Inode, name: str, target: str) -> None:
+        os.symlink(target, name, dir_fd=self.fd(parent))
 
-    def truncate(self, path: str, size: int) -> None:
-        fd = self.open(path, os.O_WRONLY)
+    def readlink(self, ino: Inode) -> str:
+        return os.readlink("", dir_fd=self.fd(ino))
+
+    def link(self, ino: Inode, new_parent: Inode, new_name: str) -> None:
+        self.fd(ino)
+        os.link(ino.proc(), new_name, dst_dir_fd=self.fd(new_parent), follow_symlinks=True)
+
+    def truncate(self, ino: Inode, size: int) -> None:
+        fd = self.open(ino, os.O_WRONLY)
         try:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
+            ino.opens -= 1
+            self._maybe_drop(ino)
 
-    def chmod(self, path: str, mode: int) -> None:
-        st = self.lstat(path)
-        if stat.S_ISLNK(st.st_mode):
+    def chmod(self, ino: Inode, mode: int) -> None:
+        if stat.S_ISLNK(self.lstat(ino).st_mode):
             raise fail(errno.EOPNOTSUPP)
-        if not path:
-            os.chmod(self._root_fd, mode)
-            return
-        with self.parent_fd(path) as (fd, name):
-            os.chmod(name, mode, dir_fd=fd)
+        os.chmod(ino.proc(), mode)
 
-    def utime(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
-        st = self.lstat(path)
+    def chown(self, ino: Inode, uid: int, gid: int) -> None:
+        """Only to what it is already (so `cp -a` and `tar -x` work); it still
+        marks the change time, as chown does."""
+        st = self.lstat(ino)
+        if (uid, gid) != (st.st_uid, st.st_gid):
+            raise fail(errno.EPERM, "the vault's files keep their owner")
+        if ino.parent is None:
+            os.chown(ino.fd, uid, gid)
+        else:
+            os.chown(ino.name, uid, gid, dir_fd=self.fd(ino.parent), follow_symlinks=False)
+
+    def utime(self, ino: Inode, atime_ns: int | None, mtime_ns: int | None) -> None:
+        st = self.lstat(ino)
         ns = (atime_ns if atime_ns is not None else st.st_atime_ns,
               mtime_ns if mtime_ns is not None else st.st_mtime_ns)  # fmt: skip
-        if not path:
-            os.utime(self._root_fd, ns=ns)
-            return
-        with self.parent_fd(path) as (fd, name):
-            os.utime(name, ns=ns, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode) and ino.parent is not None:
+            os.utime(ino.name, ns=ns, dir_fd=self.fd(ino.parent), follow_symlinks=False)
+        else:
+            os.utime(ino.proc(), ns=ns)
+
+    def access(self, ino: Inode, mode: int) -> bool:
+        """Whether the server itself may: the backing file's answer for its uid."""
+        self.fd(ino)
+        return os.access(ino.proc(), mode, effective_ids=True)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.top.fd)
 
 
 def domain_of(path: str) -> str | None:

@@ -26,7 +26,8 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .errors import OutheisError
 from .names import OPERATOR
-from .vault import Store, VaultFile, domain_of
+from .operators import is_stranger
+from .vault import NAME_MAX, Inode, Listing, Store, VaultFile, domain_of
 
 RENAME_NOREPLACE = 1
 T = TypeVar("T")
@@ -37,10 +38,6 @@ SAFE_MODE = 0o755
 
 def where(path: str) -> str:
     return f"/vault/{path}" if path else "/vault"
-
-
-def fail(code: int) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(code)
 
 
 def attrs(inode: int, st: os.stat_result, mask: int = 0o7777) -> pyfuse3.EntryAttributes:
@@ -68,26 +65,22 @@ class VaultOps:
         self, d: Dispatcher, config: Config, access: Access, store: Store, fhs: Iterator[int]
     ) -> None:
         self.d = d
-        self.access = access
+        self.rights = access
         self.store = store
         self.owners = config.vault
         self.fhs = fhs  # file handle numbers, shared with the agent files
-
-    # -- the store's names, with its errors as FUSE's ---------------------------------
+        self.listings: dict[int, Listing] = {}  # open folders of the vault, by fh
 
     def path(self, inode: int) -> str:
-        return self._do(lambda: self.store.path(inode))
-
-    def _join(self, parent: int, name: bytes) -> str:
-        return self._do(lambda: self.store.join(self.path(parent), os.fsdecode(name)))
+        return _do(lambda: self.store.path(inode))
 
     # -- rights ------------------------------------------------------------------------
 
     def perms(self, who: str, path: str) -> str | None:
-        return self.access.perms(who, where(path))
+        return self.rights.perms(who, where(path))
 
     def see(self, who: str, path: str, op: str) -> str:
-        return self.access.visible(who, where(path), op)
+        return self.rights.visible(who, where(path), op)
 
     def may_change(self, who: str, path: str, perms: str) -> bool:
         if who == OPERATOR:
@@ -109,210 +102,318 @@ class VaultOps:
             why = (
                 f"{where(path)} belongs to {owner}" if owner else f"{where(path)} is the operator's"
             )
-            raise self.access.refuse(who, where(path), op, why)
+            raise self.rights.refuse(who, where(path), op, why)
 
     def _narrowed_below(self, who: str, path: str) -> bool:
         """Whether the caller has a grant strictly below `path` (rights there
         differ from the folder's, and a rename would carry or drop them)."""
-        return self.access.granted_below(who, where(path))
+        return self.rights.granted_below(who, where(path))
 
     def record(self, who: str, op: str, path: str, **more: str) -> None:
         self.d.note(events.vault(who, op, where(path), **more))
 
-    def entry(self, who: str, path: str, st: os.stat_result) -> pyfuse3.EntryAttributes:
+    def mask(self, who: str, path: str, st: os.stat_result) -> int:
+        """The mode bits shown to `who`: what it may do. A folder it sees can be
+        listed and walked through; a file shows read bits only if it may read it,
+        write bits only if it may change it."""
         perms = self.perms(who, path) or ""
-        mask = 0o7111 | (0o444 if "r" in perms else 0)
+        mask = 0o7111
+        if "r" in perms or stat.S_ISDIR(st.st_mode):
+            mask |= 0o444
         if self.may_change(who, path, perms):
             mask |= 0o222
-        return attrs(self.store.number(path, st), st, mask)
+        return mask
 
-    def _lstat(self, path: str) -> os.stat_result:
-        try:
-            return self.store.lstat(path)
-        except OSError as e:
-            raise fail(e.errno or errno.EIO) from None
+    def entry(self, who: str, ino: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        if who == OPERATOR:  # the operator's view needs no path: the common case, kept cheap
+            return attrs(ino.number, st)
+        return attrs(ino.number, st, self.mask(who, ino.path, st))
+
+    def _child(self, parent: int, name: bytes) -> tuple[Inode, str, str]:
+        """(parent inode, name, path of the name) of a request about a name."""
+        pino = self._inode(parent)
+        text = os.fsdecode(name)
+        return pino, text, _do(lambda: self.store.join(pino.path, text))
+
+    def _inode(self, number: int) -> Inode:
+        return _do(lambda: self.store.inode(number))
+
+    def _found(self, who: str, parent: Inode, name: str) -> pyfuse3.EntryAttributes:
+        """The reply to a request that makes the kernel know a name: counted."""
+        ino, st = _do(lambda: self.store.entry(parent, name))
+        a = self.entry(who, ino, st)
+        self.store.looked_up(ino)
+        return a
 
     # -- names -------------------------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes, who: str) -> pyfuse3.EntryAttributes:
-        path = self._join(parent, name)
-        st = self._lstat(path)
-        self.see(who, path, "lookup")
-        return self.entry(who, path, st)
+        pino = self._inode(parent)
+        text = _do(lambda: self.store.check_name(os.fsdecode(name)))
+        if is_stranger(who):  # refused before the name is looked at: nothing leaks
+            self.see(who, self.store.join(pino.path, text), "lookup")
+        ino, st = _do(lambda: self.store.entry(pino, text))
+        if who != OPERATOR:
+            try:
+                self.see(who, ino.path, "lookup")
+            except OutheisError:
+                self.store.forget(ino.number, 0)
+                raise
+        a = self.entry(who, ino, st)
+        self.store.looked_up(ino)
+        return a
+
+    def forget(self, number: int, n: int) -> None:
+        self.store.forget(number, n)
 
     async def getattr(self, inode: int, who: str) -> pyfuse3.EntryAttributes:
-        path = self.path(inode)
-        st = self._lstat(path)
-        self.see(who, path, "stat")
-        return self.entry(who, path, st)
+        ino = self._inode(inode)
+        st = _do(lambda: self.store.lstat(ino))
+        if who != OPERATOR:
+            self.see(who, ino.path, "stat")
+        return self.entry(who, ino, st)
 
-    def listing(self, inode: int, who: str) -> list[tuple[bytes, pyfuse3.EntryAttributes]]:
-        path = self.path(inode)
-        out = []
-        for name, st in self.store.listdir(path):
+    async def access(self, inode: int, mode: int, who: str) -> bool:
+        """Exactly what open (and opendir, chdir, exec) would allow this caller."""
+        ino = self._inode(inode)
+        path = ino.path
+        self.see(who, path, "access")
+        st = _do(lambda: self.store.lstat(ino))
+        rights = self.mask(who, path, st)  # the view's part; the backing file's below
+        if mode & os.R_OK and not rights & 0o444:
+            return False
+        if mode & os.W_OK and not rights & 0o222:
+            return False
+        if mode & os.X_OK and not (stat.S_ISDIR(st.st_mode) or st.st_mode & 0o111):
+            return False
+        return _do(lambda: self.store.access(ino, mode))
+
+    def opendir(self, fh: int, inode: int, who: str) -> None:
+        ino = self._inode(inode) if inode != self.store.root_inode else self.store.top
+        self.see(who, ino.path, "readdir")
+        self.listings[fh] = Listing(ino)
+
+    def readdir(self, fh: int, start: int, who: str, token: pyfuse3.ReaddirToken) -> None:
+        """Entries from the names the folder had when the listing began (or was
+        rewound): offsets stay valid while the folder changes, so an entry neither
+        removed nor added meanwhile is returned exactly once. Names removed since
+        are left out; names added since are not listed."""
+        ls = self.listings[fh]
+        if start == 0:
+            base = ls.ino.path
+            names = _do(lambda: self.store.listdir(ls.ino))
+            ls.uniform = self._uniform(who, base)
+            ls.names = [n for n in names if self._listable(who, base, n, ls.uniform)]
+        for i in range(start, len(ls.names)):
+            name = ls.names[i]
             try:
-                child = self.store.join(path, name)
-            except OSError as e:
-                raise fail(e.errno or errno.EIO) from None
-            if self.perms(who, child) is not None:
-                out.append((os.fsencode(name), self.entry(who, child, st)))
-        return out
+                ino, st = self.store.stat_in(ls.ino, name)
+            except OSError:
+                continue  # gone since the listing began
+            if ls.uniform is None:
+                a = self.entry(who, ino, st)
+            else:
+                a = attrs(ino.number, st, ls.uniform | (0o444 if stat.S_ISDIR(st.st_mode) else 0))
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), a, i + 1):
+                self.store.forget(ino.number, 0)
+                return
+            self.store.looked_up(ino)
+
+    def _uniform(self, who: str, base: str) -> int | None:
+        """The mode mask every entry of folder `base` shows to `who`, when all of
+        them have the same rights: the folder lies in a domain (or is the operator's
+        anything) and no grant of the caller lies below it. None: ask per entry."""
+        if who == OPERATOR:
+            return 0o7777
+        if not base or self._narrowed_below(who, base):
+            return None
+        perms = self.perms(who, base)
+        if not perms:  # hidden, or a folder only walked through: entries differ
+            return None
+        mask = 0o7111 | (0o444 if "r" in perms else 0)
+        if self.may_change(who, base + "/x", perms):
+            mask |= 0o222
+        return mask
+
+    def _listable(self, who: str, base: str, name: str, uniform: int | None) -> bool:
+        if not name.isascii():
+            try:
+                name.encode()
+            except UnicodeEncodeError:
+                return False  # not UTF-8: it could not be named in an event
+        if uniform is not None:
+            return True
+        return self.perms(who, f"{base}/{name}" if base else name) is not None
+
+    def releasedir(self, fh: int) -> None:
+        self.listings.pop(fh, None)
 
     async def setattr(
         self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
         fh: int | None, who: str,
     ) -> pyfuse3.EntryAttributes:  # fmt: skip
-        path = self.path(inode)
-        if fields.update_uid or fields.update_gid:
-            raise fail(errno.EPERM)
+        ino = self._inode(inode)
+        path = ino.path
         self.change(who, path, "setattr")
-        try:
-            if fields.update_size:
-                f = self.store.files.get(fh) if fh is not None else None
-                if f is not None:
-                    os.ftruncate(f.fd, attr.st_size)
-                else:
-                    self.store.truncate(path, attr.st_size)
-                self.record(who, "truncate", path)
-            if fields.update_mode:
-                self.store.chmod(path, attr.st_mode & SAFE_MODE)
-                self.record(who, "chmod", path)
-            if fields.update_atime or fields.update_mtime:
-                self.store.utime(
-                    path,
+        f = self.store.files.get(fh) if fh is not None else None
+        if fields.update_uid or fields.update_gid:
+            st = _do(lambda: self.store.lstat(ino))
+            uid = attr.st_uid if fields.update_uid else st.st_uid
+            gid = attr.st_gid if fields.update_gid else st.st_gid
+            _do(lambda: self.store.chown(ino, uid, gid))
+        if fields.update_size:
+            if f is not None:
+                _do(lambda: os.ftruncate(f.fd, attr.st_size))
+            else:
+                _do(lambda: self.store.truncate(ino, attr.st_size))
+            self.record(who, "truncate", path)
+        if fields.update_mode:
+            _do(lambda: self.store.chmod(ino, attr.st_mode & SAFE_MODE))
+            self.record(who, "chmod", path)
+        if fields.update_atime or fields.update_mtime:
+            _do(
+                lambda: self.store.utime(
+                    ino,
                     attr.st_atime_ns if fields.update_atime else None,
                     attr.st_mtime_ns if fields.update_mtime else None,
                 )
-                self.record(who, "utime", path)
-        except OSError as e:
-            raise fail(e.errno or errno.EIO) from None
-        return self.entry(who, path, self._lstat(path))
+            )
+            self.record(who, "utime", path)
+        return self.entry(who, ino, _do(lambda: self.store.lstat(ino)))
 
     async def mkdir(self, parent: int, name: bytes, mode: int, who: str) -> pyfuse3.EntryAttributes:
-        path = self._join(parent, name)
+        pino, text, path = self._child(parent, name)
         self.change(who, path, "mkdir", new=True)
-        self._do(lambda: self.store.mkdir(path, mode & SAFE_MODE))
+        _do(lambda: self.store.mkdir(pino, text, mode & SAFE_MODE))
         self.record(who, "mkdir", path)
-        return self.entry(who, path, self._lstat(path))
+        return self._found(who, pino, text)
 
     async def mknod(self, parent: int, name: bytes, mode: int, who: str) -> pyfuse3.EntryAttributes:
         """Regular files only: the kernel opens FIFOs and devices without asking
         the server, so no view would apply to them."""
-        path = self._join(parent, name)
+        pino, text, path = self._child(parent, name)
         if not stat.S_ISREG(mode):
             raise fail(errno.EPERM)
         self.change(who, path, "mknod", new=True)
-        self._do(lambda: self.store.mknod(path, mode & (SAFE_MODE | stat.S_IFREG)))
+        _do(lambda: self.store.mknod(pino, text, mode & (SAFE_MODE | stat.S_IFREG)))
         self.record(who, "mknod", path)
-        return self.entry(who, path, self._lstat(path))
+        return self._found(who, pino, text)
+
+    def _exists(self, pino: Inode, text: str) -> os.stat_result:
+        return _do(lambda: os.stat(text, dir_fd=self.store.fd(pino), follow_symlinks=False))
+
+    def _existing(self, who: str, pino: Inode, text: str) -> None:
+        """ENOENT for a missing name before EACCES for an agent; the operator may do
+        anything, so the backing call answers for it."""
+        if who != OPERATOR:
+            self._exists(pino, text)
 
     async def rmdir(self, parent: int, name: bytes, who: str) -> None:
-        path = self._join(parent, name)
-        self._lstat(path)
+        pino, text, path = self._child(parent, name)
+        self._existing(who, pino, text)
         self.change(who, path, "rmdir")
-        self._do(lambda: self.store.rmdir(path))
-        self.store.forget(path)
+        _do(lambda: self.store.rmdir(pino, text))
         self.record(who, "rmdir", path)
 
     async def unlink(self, parent: int, name: bytes, who: str) -> None:
-        path = self._join(parent, name)
-        self._lstat(path)
+        pino, text, path = self._child(parent, name)
+        self._existing(who, pino, text)
         self.change(who, path, "unlink")
-        self._do(lambda: self.store.unlink(path))
-        self.store.forget(path)
+        _do(lambda: self.store.unlink(pino, text))
         self.record(who, "unlink", path)
 
     async def rename(
         self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int,
         who: str,
     ) -> None:  # fmt: skip
-        old = self._join(old_parent, old_name)
-        new = self._join(new_parent, new_name)
+        opino, otext, old = self._child(old_parent, old_name)
+        npino, ntext, new = self._child(new_parent, new_name)
         if flags & ~RENAME_NOREPLACE:
             raise fail(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT
-        self._lstat(old)
+        st = self._exists(opino, otext)
         self.change(who, old, "rename")
         self.change(who, new, "rename", new=True)
         if self._narrowed_below(who, old) or self._narrowed_below(who, new):
             why = "a path below it is granted differently: moving it would change that view"
-            raise self.access.refuse(who, where(old), "rename", why)
+            raise self.rights.refuse(who, where(old), "rename", why)
         if flags & RENAME_NOREPLACE:
             try:
-                self.store.lstat(new)
+                os.stat(ntext, dir_fd=self.store.fd(npino), follow_symlinks=False)
                 raise fail(errno.EEXIST)
             except FileNotFoundError:
                 pass
-        self._do(lambda: self.store.rename(old, new))
-        self.store.forget(new)
-        self.store.moved(old, new)
+        _do(lambda: self.store.rename(opino, otext, npino, ntext))
+        self.store.moved(st, npino, ntext)
         self.record(who, "rename", old, to=where(new))
 
     async def symlink(
         self, parent: int, name: bytes, target: bytes, who: str
     ) -> pyfuse3.EntryAttributes:
-        path = self._join(parent, name)
+        pino, text, path = self._child(parent, name)
         self.change(who, path, "symlink", new=True)
-        self._do(lambda: self.store.symlink(os.fsdecode(target), path))
+        _do(lambda: self.store.symlink(pino, text, os.fsdecode(target)))
         self.record(who, "symlink", path)
-        return self.entry(who, path, self._lstat(path))
+        return self._found(who, pino, text)
 
     async def readlink(self, inode: int, who: str) -> bytes:
-        path = self.path(inode)
+        ino = self._inode(inode)
+        path = ino.path
         if "r" not in self.see(who, path, "readlink"):
-            raise self.access.refuse(who, where(path), "readlink", f"{who} may not read this")
-        try:
-            return os.fsencode(self.store.readlink(path))
-        except OSError as e:
-            raise fail(e.errno or errno.EIO) from None
+            raise self.rights.refuse(who, where(path), "readlink", f"{who} may not read this")
+        return os.fsencode(_do(lambda: self.store.readlink(ino)))
 
     async def link(
         self, inode: int, new_parent: int, new_name: bytes, who: str
     ) -> pyfuse3.EntryAttributes:
-        old = self.path(inode)
-        new = self._join(new_parent, new_name)
+        ino = self._inode(inode)
+        old = ino.path
+        npino, ntext, new = self._child(new_parent, new_name)
         self.change(who, old, "link")
         self.change(who, new, "link", new=True)
-        self._do(lambda: self.store.link(old, new))
+        _do(lambda: self.store.link(ino, npino, ntext))
         self.record(who, "link", new, target=where(old))
-        return self.entry(who, new, self._lstat(new))
+        return self._found(who, npino, ntext)
 
     # -- files -------------------------------------------------------------------------
 
-    def _new_fh(self, fd: int, path: str, who: str) -> int:
+    def _new_fh(self, fd: int, ino: Inode, who: str) -> int:
         fh = next(self.fhs)
-        self.store.files[fh] = VaultFile(fd, path, who)
+        self.store.files[fh] = VaultFile(fd, ino, who)
         return fh
 
     async def open(self, inode: int, flags: int, who: str) -> pyfuse3.FileInfo:
-        path = self.path(inode)
+        ino = self._inode(inode)
+        path = ino.path
         acc = flags & os.O_ACCMODE
         read = acc in (os.O_RDONLY, os.O_RDWR)
         write = acc in (os.O_WRONLY, os.O_RDWR) or bool(flags & os.O_TRUNC)
         perms = self.see(who, path, "open")
         if read and "r" not in perms:
-            raise self.access.refuse(who, where(path), "open", f"{who} may not read this")
+            raise self.rights.refuse(who, where(path), "open", f"{who} may not read this")
         if write:
             self.change(who, path, "open")
-        fd = self._do(lambda: self.store.open(path, flags & ~(os.O_CREAT | os.O_EXCL)))
+        fd = _do(lambda: self.store.open(ino, flags))
         if flags & os.O_TRUNC:
             self.record(who, "truncate", path)
-        return pyfuse3.FileInfo(fh=self._new_fh(fd, path, who), keep_cache=False)
+        return pyfuse3.FileInfo(fh=self._new_fh(fd, ino, who), keep_cache=False)
 
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, who: str
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        path = self._join(parent, name)
+        pino, text, path = self._child(parent, name)
         self.change(who, path, "create", new=True)
-        fd = self._do(lambda: self.store.open(path, flags | os.O_CREAT, mode & SAFE_MODE))
+        fd, ino = _do(lambda: self.store.create(pino, text, flags, mode & SAFE_MODE))
         self.record(who, "create", path)
-        info = pyfuse3.FileInfo(fh=self._new_fh(fd, path, who), keep_cache=False)
-        return info, self.entry(who, path, os.fstat(fd))
+        info = pyfuse3.FileInfo(fh=self._new_fh(fd, ino, who), keep_cache=False)
+        a = self.entry(who, ino, os.fstat(fd))
+        self.store.looked_up(ino)
+        return info, a
 
     def read(self, f: VaultFile, off: int, size: int) -> bytes:
-        return self._do(lambda: os.pread(f.fd, size, off))
+        return _do(lambda: os.pread(f.fd, size, off))
 
     def write(self, f: VaultFile, off: int, buf: bytes) -> int:
-        n = self._do(lambda: os.pwrite(f.fd, buf, off))
+        n = _do(lambda: os.pwrite(f.fd, buf, off))
         if not f.written:
             f.written = True
             self.record(f.who, "write", f.path)
@@ -321,18 +422,29 @@ class VaultOps:
     def release(self, fh: int) -> None:
         f = self.store.files.pop(fh, None)
         if f is not None:
-            os.close(f.fd)
+            self.store.closed(f)
 
     def fsync(self, f: VaultFile) -> None:
-        self._do(lambda: os.fsync(f.fd))
+        _do(lambda: os.fsync(f.fd))
 
-    @staticmethod
-    def _do(fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except OutheisError:
-            raise
-        except pyfuse3.FUSEError:
-            raise
-        except OSError as e:
-            raise fail(e.errno or errno.EIO) from None
+    def statfs(self) -> pyfuse3.StatvfsData:
+        """The backing filesystem's figures, for the whole mount."""
+        v = _do(self.store.statvfs)
+        s = pyfuse3.StatvfsData()
+        s.f_bsize, s.f_frsize = v.f_bsize, v.f_frsize
+        s.f_blocks, s.f_bfree, s.f_bavail = v.f_blocks, v.f_bfree, v.f_bavail
+        s.f_files, s.f_ffree, s.f_favail = v.f_files, v.f_ffree, v.f_favail
+        s.f_namemax = min(v.f_namemax, NAME_MAX)
+        return s
+
+
+def fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+def _do(fn: Callable[[], T]) -> T:
+    """Run a backing call: its OSError becomes the same errno for the kernel."""
+    try:
+        return fn()
+    except OSError as e:
+        raise pyfuse3.FUSEError(e.errno or errno.EIO) from None

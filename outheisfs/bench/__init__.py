@@ -65,11 +65,12 @@ class Settings:
     log_events: int
     idle_readers: int
     idle_seconds: float
+    quick: bool = False
 
     @classmethod
     def make(cls, quick: bool) -> Settings:
         if quick:
-            return cls(3, 1000, 10_000, 200, 1000, 100_000, 100, 2.0)
+            return cls(3, 1000, 10_000, 200, 1000, 100_000, 100, 2.0, True)
         return cls(7, 5000, 10_000, 2000, 1000, 1_000_000, 100, 5.0)
 
 
@@ -474,8 +475,23 @@ def measure(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
                     met=peak <= 150,
                 )
             )
+        figs += vault_figures(root, s.quick, progress)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    return figs
+
+
+def vault_figures(root: Path, quick: bool, progress: Callable[[str], None]) -> list[Figure]:
+    """The vault's rows, beside a passthrough of the same folder [SPEC §14]."""
+    from . import vaultbench
+
+    figs = []
+    for row in vaultbench.measure(root, quick, progress):
+        ratio = row.ours / row.floor
+        fig = Figure(row.key, row.what, row.unit, row.ours, row.floor, ratio)
+        if row.target is not None:
+            fig.target, fig.met = f">= {row.target}x floor", ratio >= row.target
+        figs.append(fig)
     return figs
 
 

@@ -22,10 +22,20 @@ from .conftest import PY
 
 FLOORED = {"one_fd", "open_write_close", "big_write", "roundtrip_p50", "roundtrip_p99"}
 FLOORED |= {"explicit_roundtrip_p50", "explicit_roundtrip_p99"}
+# The vault beside a passthrough of the same backing folder.
+FLOORED |= {
+    "vault_create_stat_unlink",
+    "vault_rename",
+    "vault_readdir",
+    "vault_seq_write",
+    "vault_seq_read",
+}
 EXPECTED = FLOORED | {
     "idle_cpu",
     "agents_one_fd",
     "agents_open_write_close",
+    "vault_agent_create_stat_unlink",
+    "vault_agent_readdir",
     "disk_one_fd",
     "disk_four_writers",
     "disk_four_inboxes",
@@ -57,7 +67,7 @@ def test_bench_quick_json_reports_every_figure(short_tmp: Path) -> None:
         [PY, "-m", "outheisfs", "bench", "--quick", "--json"],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         env={**os.environ, "TMPDIR": str(short_tmp)},
     )
     assert r.returncode == 0, r.stderr
@@ -127,3 +137,22 @@ def test_interleave_takes_blocks_in_turn() -> None:
     out = interleave(3, 10, {"a": sampler("a"), "b": sampler("b")})
     assert calls == [("a", 4), ("b", 4), ("a", 3), ("b", 3), ("a", 3), ("b", 3)]
     assert len(out["a"]) == len(out["b"]) == 10
+
+
+def test_the_passthrough_floor_serves_its_folder_as_it_is(tmp_path: Path) -> None:
+    from outheisfs.vaultbench import create_stat_unlink, list_folder, passthrough_mount, renames
+
+    backing = tmp_path / "backing"
+    (backing / "d").mkdir(parents=True)
+    (backing / "d" / "old").write_text("old")
+    with passthrough_mount(backing, tmp_path / "pt") as pt:
+        assert (pt / "d" / "old").read_text() == "old"
+        (pt / "d" / "new").write_text("new")
+        os.rename(pt / "d" / "new", pt / "d" / "moved")
+        assert sorted(os.listdir(pt / "d")) == ["moved", "old"]
+        assert create_stat_unlink(str(pt / "d"), 20) > 0
+        assert renames(str(pt / "d"), 20) > 0
+        assert list_folder(str(pt / "d")) > 0
+        assert os.statvfs(pt).f_blocks == os.statvfs(backing).f_blocks
+    assert (backing / "d" / "moved").read_text() == "new"
+    assert not os.path.ismount(tmp_path / "pt")

@@ -192,18 +192,21 @@ def test_the_server_never_follows_a_symlink_in_the_backing_folder(tmp_path: Path
     store = Store(root, 5)
     (root / "notes").mkdir()
     (root / "notes" / "escape").symlink_to(outside)
+    notes, _ = store.entry(store.top, "notes")
+    link, _ = store.entry(notes, "escape")
     for fn in (
-        lambda: store.lstat("notes/escape/secret"),
-        lambda: store.open("notes/escape/secret", os.O_RDONLY),
-        lambda: store.listdir("notes/escape"),
-        lambda: store.unlink("notes/escape/secret"),
+        lambda: store.entry(link, "secret"),
+        lambda: store.listdir(link),
+        lambda: store.unlink(link, "secret"),
+        lambda: store.mkdir(link, "x", 0o755),
     ):
         with pytest.raises(OSError) as e:
             fn()
         assert e.value.errno in (errno.ELOOP, errno.ENOTDIR)
     with pytest.raises(OSError):  # the link itself is not opened through
-        store.open("notes/escape", os.O_RDONLY)
+        store.open(link, os.O_RDONLY)
     assert (outside / "secret").read_text() == "secret"
+    assert not (outside / "x").exists()
     store.close()
 
 
