@@ -486,7 +486,7 @@ def vault_figures(root: Path, quick: bool, progress: Callable[[str], None]) -> l
     from . import vaultbench
 
     figs = []
-    for row in vaultbench.measure(root, quick, progress):
+    for row in vaultbench.measure(root, quick, progress, outheis_mount):
         ratio = row.ours / row.floor
         fig = Figure(row.key, row.what, row.unit, row.ours, row.floor, ratio)
         if row.target is not None:

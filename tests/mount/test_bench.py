@@ -140,7 +140,12 @@ def test_interleave_takes_blocks_in_turn() -> None:
 
 
 def test_the_passthrough_floor_serves_its_folder_as_it_is(tmp_path: Path) -> None:
-    from outheisfs.vaultbench import create_stat_unlink, list_folder, passthrough_mount, renames
+    from outheisfs.bench.vaultbench import (
+        create_stat_unlink,
+        list_folder,
+        passthrough_mount,
+        renames,
+    )
 
     backing = tmp_path / "backing"
     (backing / "d").mkdir(parents=True)
