@@ -206,7 +206,8 @@ class Operations(pyfuse3.Operations):
     @handler
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         """Whether the caller may use the inode as `mode` (R_OK, W_OK, X_OK) asks,
-        judged from the mode bits it would see."""
+        judged as `open` (or opendir, exec) would judge it: in the tree from the mode
+        bits it would see, in the vault by `VaultOps.access`."""
         who = self.who(ctx)
         if self.store.holds(inode):
             return await self.vault.access(inode, mode, who)
