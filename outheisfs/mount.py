@@ -182,6 +182,15 @@ async def serve(opts: Options, ready: Ready) -> None:
         async with trio.open_nursery() as nursery:
             ops.files.nursery = nursery
 
+            def later(delay: float, fn: Callable[[], None]) -> None:
+                async def after() -> None:
+                    await trio.sleep(delay)
+                    fn()
+
+                nursery.start_soon(after)
+
+            ops.rights.later = later
+
             async def fuse_main() -> None:
                 await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
                 nursery.cancel_scope.cancel()  # unmounted from outside

@@ -166,7 +166,9 @@ class Operations(pyfuse3.Operations):
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         node = self._node(inode)
-        return self._attrs(node, self._visible(self.who(ctx), node, "lookup"))
+        perms = self._visible(self.who(ctx), node, "lookup")
+        self.rights.dentries.shown(node.path)
+        return self._attrs(node, perms)
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -294,6 +296,7 @@ class Operations(pyfuse3.Operations):
             perms = self.rights.perms(who, child.path)
             if perms is None:
                 continue  # hidden: absent from the listing
+            self.rights.dentries.shown(child.path)  # a listing gives the kernel names too
             if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(child, perms), i):
                 break
 
