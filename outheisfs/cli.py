@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from . import mounts
 from .errors import ConfigError, LogDamaged
 
 # The server's modules (pydantic, trio) are imported by the commands that need them:
@@ -20,12 +22,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"outheisfs: {message} (see outheisfs --help)\n")
 
 
+WHICH = "default: $OUTHEIS_MOUNT, else the only outheisfs mount, else ./mount"
+
+
 def build_parser() -> Parser:
     p = Parser(prog="outheisfs", description="Cooperating agents as files.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     m = sub.add_parser("mount", help="mount the tree (in the background unless --foreground)")
-    m.add_argument("mountpoint", nargs="?", default="mount")
+    m.add_argument("mountpoint", nargs="?", help="default: $OUTHEIS_MOUNT, else ./mount")
     m.add_argument("--config", type=Path)
     m.add_argument("--state", type=Path, default=Path(".outheis"))
     m.add_argument("--foreground", action="store_true")
@@ -33,13 +38,13 @@ def build_parser() -> Parser:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     u = sub.add_parser("umount", help="stop the server and unmount")
-    u.add_argument("mountpoint", nargs="?", default="mount")
+    u.add_argument("mountpoint", nargs="?", help=WHICH)
 
     r = sub.add_parser(
         "run", help="run COMMAND as agent NAME", usage="outheisfs run NAME [--mount MP] -- COMMAND"
     )
     r.add_argument("name")
-    r.add_argument("--mount", default="mount")
+    r.add_argument("--mount", help=WHICH)
     r.add_argument("cmd", nargs="*", help=argparse.SUPPRESS)
 
     rp = sub.add_parser("replay", help="rebuild the state from the log and print it")
@@ -52,7 +57,7 @@ def build_parser() -> Parser:
     b.add_argument("--json", action="store_true")
 
     t = sub.add_parser("top", help="live view of the agents of a mount")
-    t.add_argument("mountpoint", nargs="?", default="mount")
+    t.add_argument("mountpoint", nargs="?", help=WHICH)
     t.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
 
     tr = sub.add_parser("trace", help="the events of one message and its replies")
@@ -65,7 +70,7 @@ def build_parser() -> Parser:
     a = sub.add_parser("ask", help="send as the operator and print the reply")
     a.add_argument("name")
     a.add_argument("body", nargs="*", help="the message (default: standard input)")
-    a.add_argument("--mount", default="mount")
+    a.add_argument("--mount", help=WHICH)
     a.add_argument("--timeout", type=float, default=30.0)
     a.add_argument("--json", action="store_true")
 
@@ -132,7 +137,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     durability = args.durability or config.durability
-    mp = Path(args.mountpoint).absolute()
+    mp = Path(args.mountpoint or os.environ.get("OUTHEIS_MOUNT") or "mount").absolute()
     state = args.state.absolute()
     try:
         sandbox.check(config, state)
@@ -167,14 +172,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_umount(args: argparse.Namespace) -> int:
     from . import mount
 
-    return mount.umount(Path(args.mountpoint).absolute())
+    return mount.umount(mounts.mountpoint(args.mountpoint))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import RunError, run
 
     try:
-        return run(Path(args.mount).absolute(), args.name, args.cmd)
+        return run(mounts.mountpoint(args.mount), args.name, args.cmd)
     except RunError as e:
         print(f"outheisfs: {e}", file=sys.stderr)
         return e.status
@@ -190,7 +195,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     from .top import TopError, main
 
     try:
-        return main(Path(args.mountpoint).absolute(), args.interval)
+        return main(mounts.mountpoint(args.mountpoint), args.interval)
     except TopError as e:
         print(f"outheisfs: {e}", file=sys.stderr)
         return 1
@@ -227,7 +232,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from .ask import AskError, main
 
     try:
-        return main(Path(args.mount).absolute(), args.name, args.body, args.timeout, args.json)
+        return main(mounts.mountpoint(args.mount), args.name, args.body, args.timeout, args.json)
     except AskError as e:
         print(f"outheisfs: {e}", file=sys.stderr)
         return e.status

@@ -28,6 +28,7 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .errors import LogDamaged
 from .eventlog import EventLog
+from .mounts import fsname, hint
 from .names import XATTR_PID
 from .ops import Operations
 from .procevents import ProcEvents
@@ -170,7 +171,8 @@ async def serve(opts: Options, ready: Ready) -> None:
         d, procs, opts.mountpoint, opts.state, opts.config.home, opts.config.stop_grace, table
     )
     ops.commands.supervisor = supervisor
-    options = {"fsname=outheisfs", "subtype=outheisfs", "noatime"}
+    # The source shows the state folder: `mount` and `df` tell servers apart.
+    options = {fsname(opts.state), "subtype=outheisfs", "noatime"}
     if os.geteuid() == 0:
         options.add("allow_other")
     try:
@@ -325,7 +327,7 @@ def umount(mp: Path, timeout: float = 60.0) -> int:
         if e.errno == errno.ENOENT:
             print(f"outheisfs: {mp} does not exist", file=sys.stderr)
             return 2
-        print(f"outheisfs: {mp} is not an outheisfs mount", file=sys.stderr)
+        print(f"outheisfs: {mp} is not an outheisfs mount{hint(mp)}", file=sys.stderr)
         return 1
     st = procinfo.stat(pid)
     try:

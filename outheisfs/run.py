@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from . import sandbox
+from .mounts import hint
 
 PR_SET_PDEATHSIG = 1
 SHOWN = 5  # reasons printed at most
@@ -40,7 +41,7 @@ def bind(mp: Path, name: str) -> None:
         os.getxattr(mp, XATTR_PID)
     except OSError:
         raise RunError(
-            f"{mp} is not an outheisfs mount (mount it with 'outheisfs mount')"
+            f"{mp} is not an outheisfs mount (mount it with 'outheisfs mount'){hint(mp)}"
         ) from None
     folder = mp / "agents" / name
     try:

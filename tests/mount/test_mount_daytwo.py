@@ -4,7 +4,12 @@ event per refused lookup."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
+from pathlib import Path
+
+from outheisfs.mounts import parse_mountinfo
 
 from .conftest import PY, Server, outheisfs, sh
 
@@ -42,3 +47,47 @@ def test_a_refused_lookup_of_a_name_the_kernel_holds_is_one_denied_event(
         ("alice", "lookup", "/vault"),
         ("alice", "lookup", "/agents/secret"),
     ]
+
+
+# -- which mount -----------------------------------------------------------------------
+
+
+def test_the_mount_source_names_its_state_folder(mounted: Server) -> None:
+    info = Path("/proc/self/mountinfo").read_text()
+    ours = [m for m in parse_mountinfo(info) if m.mountpoint == mounted.mp]
+    assert [m.state for m in ours] == [mounted.state]
+    r = sh(f"df {mounted.mp} | tail -n1")
+    assert r.stdout.startswith(f"outheisfs:{mounted.state} ")
+
+
+def test_commands_default_to_outheis_mount(mounted: Server) -> None:
+    env = dict(os.environ, OUTHEIS_MOUNT=str(mounted.mp))
+    r = subprocess.run(
+        [PY, "-m", "outheisfs", "run", "alice", "--", "sh", "-c", 'echo "$OUTHEIS_MOUNT"'],
+        env=env, cwd=mounted.root, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(mounted.mp)
+    assert any(e["command"].startswith("bind") for e in mounted.events("ctl"))
+    r = subprocess.run([PY, "-m", "outheisfs", "umount"], env=env, cwd=mounted.root,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert not os.path.ismount(mounted.mp)
+
+
+def test_without_a_mountpoint_run_finds_the_only_mount(mounted: Server) -> None:
+    # In a mount namespace of its own, with every other outheisfs mount of this
+    # machine detached there, ours is the only one: `run` needs no --mount.
+    script = f"""
+set -e
+grep ' - fuse.outheisfs ' /proc/self/mountinfo | cut -d' ' -f5 | while read -r m; do
+  m=$(printf '%b' "$m")
+  [ "$m" = {mounted.mp} ] || umount -l "$m"
+done
+cd /
+env -u OUTHEIS_MOUNT {PY} -m outheisfs run finder -- sh -c 'cat $OUTHEIS_MOUNT/agents/finder/ctl'
+"""
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script],
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "name finder" in r.stdout

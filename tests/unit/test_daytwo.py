@@ -3,7 +3,10 @@ rights, finding the mount, and the bookkeeping that logs a refused lookup once."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from outheisfs.dentries import Dentries
+from outheisfs.mounts import Mount, default_mountpoint, fsname, parse_mountinfo
 
 # -- one refused lookup, one `denied` event --------------------------------------------
 
@@ -26,3 +29,33 @@ def test_a_held_refusal_without_a_fresh_lookup_is_logged_when_overdue() -> None:
     assert d.refused("a", "/x", ev)
     assert d.overdue("a", "/x") is ev
     assert d.overdue("a", "/x") is None
+
+
+# -- which mount -----------------------------------------------------------------------
+
+MOUNTINFO = (
+    "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+    "47 27 0:42 / /tmp/a\\040b/mnt rw,nosuid,nodev,noatime - fuse.outheisfs "
+    "outheisfs:/tmp/a\\040b/state rw,user_id=0,group_id=0\n"
+    "48 27 0:43 / /tmp/floor rw,nosuid - fuse.floor floor rw\n"
+    "49 27 0:44 / /tmp/old rw master:3 - fuse.outheisfs outheisfs rw\n"
+)
+
+
+def test_mountinfo_lists_outheisfs_mounts_with_their_state_folder() -> None:
+    found = parse_mountinfo(MOUNTINFO)
+    assert [m.mountpoint for m in found] == [Path("/tmp/a b/mnt"), Path("/tmp/old")]
+    assert [m.state for m in found] == [Path("/tmp/a b/state"), None]
+
+
+def test_the_default_mountpoint_is_the_env_then_the_only_mount_then_dot_mount() -> None:
+    one = [Mount(Path("/srv/one"), "outheisfs:/srv/state")]
+    two = [*one, Mount(Path("/srv/two"), "outheisfs:/srv/state2")]
+    assert default_mountpoint({"OUTHEIS_MOUNT": "/x/m"}, one) == Path("/x/m")
+    assert default_mountpoint({}, one) == Path("/srv/one")
+    assert default_mountpoint({}, two) == Path("mount").absolute()
+    assert default_mountpoint({}, []) == Path("mount").absolute()
+
+
+def test_fsname_escapes_what_the_option_parser_would_split() -> None:
+    assert fsname(Path("/s,t\\u")) == "fsname=outheisfs:/s\\,t\\\\u"
