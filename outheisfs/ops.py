@@ -34,11 +34,13 @@ from .names import OPERATOR, XATTR_PID, XATTR_POLICY, XATTR_SENT
 from .openfile import Handle, OpenFiles
 from .procevents import ProcEvents
 from .procstate import Processes
-from .tree import AGENTS_INODE, ROOT_INODE, VAULT_INODE, Node, Tree
+from .tree import AGENT_ROWS, AGENTS_INODE, ROOT_INODE, ROOT_ROWS, VAULT_INODE, Node, Tree
 from .vault import Store
 from .vaultops import VaultOps
 
 log = logging.getLogger(__name__)
+FILE_NAMES = {row.name for row in AGENT_ROWS}
+ROOT_NAMES = {row.name for row in ROOT_ROWS}
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -86,6 +88,7 @@ class Operations(pyfuse3.Operations):
             self.tree.add_agent(name)
         self.rights = Access(dispatcher, procs)
         self.commands = Commands(dispatcher, procs, self.table, log_.state)
+        self.commands.exists = self._exists  # ctl marks grants of paths not there (missing)
         fhs = itertools.count(1)  # one numbering for agent files, folders and vault files
         self.files = OpenFiles(dispatcher, log_, self.rights, procs, self.commands, fhs)
         self.store = Store(log_.state / "vault", VAULT_INODE)
@@ -118,6 +121,21 @@ class Operations(pyfuse3.Operations):
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         return h
+
+    def _exists(self, path: str) -> bool:
+        """Whether a path of a grant names something in the tree now."""
+        parts = path.strip("/").split("/")
+        if parts[0] == "vault":
+            try:
+                self.store.lstat("/".join(parts[1:]))
+            except (OSError, pyfuse3.FUSEError):
+                return False
+            return True
+        if parts[0] == "agents" and len(parts) > 1:
+            if parts[1] != "*" and parts[1] not in self.d.agents:
+                return False
+            return len(parts) == 2 or (len(parts) == 3 and parts[2] in FILE_NAMES)
+        return len(parts) == 1 and (parts[0] in ROOT_NAMES or not parts[0])
 
     def _visible(self, who: str, node: Node, op: str) -> str:
         """The caller's perms on a node it may see ("rw" for the operator)."""

@@ -91,3 +91,37 @@ env -u OUTHEIS_MOUNT {PY} -m outheisfs run finder -- sh -c 'cat $OUTHEIS_MOUNT/a
                        capture_output=True, text=True, timeout=30)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "name finder" in r.stdout
+
+
+# -- the operator's vault domains; unveiled paths that do not exist -------------------
+
+
+def test_a_domain_owned_by_user_is_the_operators_and_missing_grants_are_marked(
+    server: Server,
+) -> None:
+    server.write_config(
+        """
+[agents.reader]
+unveil = { "/vault/corpus" = "r", "/vault/later" = "r" }
+
+[vault]
+corpus = "user"
+"""
+    )
+    server.mount()
+    corpus = server.p("vault", "corpus")
+    assert corpus.is_dir()  # created at mount
+    (corpus / "a.txt").write_text("text\n")  # the operator's own domain
+    got = sh(
+        f"cd {server.mp} && {PY} -m outheisfs run reader --mount . -- bash -c "
+        "'cat vault/corpus/a.txt; echo x > vault/corpus/b.txt || echo refused'"
+    )
+    assert got.stdout.splitlines() == ["text", "refused"], got.stderr
+    assert "Permission denied" in got.stderr
+    unveil = server.status("reader")["unveil"]
+    assert unveil == "/vault/corpus:r,/vault/later:r(missing)"
+    # An operator's unveil of a path that does not exist is accepted, and marked.
+    server.agent("reader", "ctl").write_text("unveil /agents/nobody/inbox w\n")
+    assert "/agents/nobody/inbox:w(missing)" in server.status("reader")["unveil"]
+    server.p("vault", "later").mkdir()
+    assert "/vault/later:r," in server.status("reader")["unveil"] + ","

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from outheisfs.config import parse_config
 from outheisfs.dentries import Dentries
+from outheisfs.errors import ConfigError
 from outheisfs.mounts import Mount, default_mountpoint, fsname, parse_mountinfo
 
 # -- one refused lookup, one `denied` event --------------------------------------------
@@ -59,3 +63,13 @@ def test_the_default_mountpoint_is_the_env_then_the_only_mount_then_dot_mount() 
 
 def test_fsname_escapes_what_the_option_parser_would_split() -> None:
     assert fsname(Path("/s,t\\u")) == "fsname=outheisfs:/s\\,t\\\\u"
+
+
+# -- the operator's vault domains ------------------------------------------------------
+
+
+def test_a_vault_domain_may_belong_to_user_but_not_to_an_unknown_agent() -> None:
+    config = parse_config('[vault]\ncorpus = "user"\n', Path("."))
+    assert config.vault == {"corpus": "user"}
+    with pytest.raises(ConfigError, match=r"vault\.corpus: unknown owner agent 'nobody'"):
+        parse_config('[vault]\ncorpus = "nobody"\n', Path("."))
