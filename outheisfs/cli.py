@@ -41,10 +41,23 @@ def build_parser() -> Parser:
     u.add_argument("mountpoint", nargs="?", help=WHICH)
 
     r = sub.add_parser(
-        "run", help="run COMMAND as agent NAME", usage="outheisfs run NAME [--mount MP] -- COMMAND"
+        "run",
+        help="run COMMAND as agent NAME",
+        usage="outheisfs run NAME [--mount MP] [--unveil PATH=PERMS]... [--send NAME]... "
+        "-- COMMAND",
     )
     r.add_argument("name")
     r.add_argument("--mount", help=WHICH)
+    r.add_argument(
+        "--unveil",
+        action="append",
+        default=[],
+        metavar="PATH=PERMS",
+        help="add PATH (absolute in the mount) to its view with r, w, rw or -",
+    )
+    r.add_argument(
+        "--send", action="append", default=[], metavar="NAME", help="let it send to NAME (*: all)"
+    )
     r.add_argument("cmd", nargs="*", help=argparse.SUPPRESS)
 
     rp = sub.add_parser("replay", help="rebuild the state from the log and print it")
@@ -179,7 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .run import RunError, run
 
     try:
-        return run(mounts.mountpoint(args.mount), args.name, args.cmd)
+        return run(mounts.mountpoint(args.mount), args.name, args.cmd, args.unveil, args.send)
     except RunError as e:
         print(f"outheisfs: {e}", file=sys.stderr)
         return e.status

@@ -125,3 +125,40 @@ corpus = "user"
     assert "/agents/nobody/inbox:w(missing)" in server.status("reader")["unveil"]
     server.p("vault", "later").mkdir()
     assert "/vault/later:r," in server.status("reader")["unveil"] + ","
+
+
+# -- rights given to `run` up front -----------------------------------------------------
+
+
+def test_run_gives_unveil_and_send_rights_before_the_command_starts(server: Server) -> None:
+    server.write_config('[agents.notes]\n[agents.helper]\n[vault]\nnotes = "notes"\n')
+    server.mount()
+    (server.p("vault", "notes") / "a.txt").write_text("fact\n")
+    script = "cat vault/notes/a.txt && echo hello > agents/helper/inbox && echo sent"
+    plain = outheisfs("run", "scribe", "--mount", str(server.mp), "--", "bash", "-c", script,
+                      cwd=server.mp)  # fmt: skip
+    assert plain.returncode == 1 and "No such file" in plain.stderr
+    granted = outheisfs(
+        "run", "scribe", "--mount", str(server.mp), "--unveil", f"{server.mp}/vault/notes=r",
+        "--send", "helper", "--", "bash", "-c", script, cwd=server.mp,
+    )  # fmt: skip
+    assert granted.returncode == 0, granted.stderr
+    assert granted.stdout.splitlines() == ["fact", "sent"]
+    assert [m["body"] for m in server.events("message")] == ["hello"]
+    cmds = [e["command"] for e in server.events("ctl") if e["agent"] == "scribe"]
+    assert cmds[-3].startswith("bind ")
+    assert cmds[-2:] == ["unveil /vault/notes r", "unveil /agents/helper/inbox w"]
+    assert server.status("scribe")["unveil"] == "/agents/helper/inbox:w,/vault/notes:r"
+
+
+def test_run_refuses_bad_rights_before_binding(server: Server) -> None:
+    server.mount()
+    for args, why in [
+        (["--unveil", "/vault/x"], "give PATH=PERMS"),
+        (["--unveil", "/vault/x=rx"], "give PATH=PERMS"),
+        (["--unveil", "vault/x=r"], "absolute in the mount"),
+        (["--send", "nobody"], "no such agent"),
+    ]:
+        r = outheisfs("run", "scribe", "--mount", str(server.mp), *args, "--", "true")
+        assert r.returncode == 2 and why in r.stderr, (args, r.stderr)
+    assert not server.agent("scribe", "ctl").exists()
