@@ -60,6 +60,14 @@ def build_parser() -> Parser:
     )
     r.add_argument("cmd", nargs="*", help=argparse.SUPPRESS)
 
+    f = sub.add_parser("follow", help="print the log as it grows, across remounts")
+    f.add_argument("mountpoint", nargs="?", help=WHICH)
+    f.add_argument("--since", type=int, metavar="SEQ", help="from event SEQ (default: the end)")
+    f.add_argument("--agent", action="append", default=[], metavar="NAME",
+                   help="only events that concern NAME (repeat, or NAME,NAME)")  # fmt: skip
+    f.add_argument("--type", action="append", default=[], metavar="TYPE",
+                   help="only events of TYPE (repeat, or TYPE,TYPE)")  # fmt: skip
+
     rp = sub.add_parser("replay", help="rebuild the state from the log and print it")
     rp.add_argument("--state", type=Path, default=Path(".outheis"))
     rp.add_argument("--until", type=int)
@@ -93,7 +101,7 @@ def build_parser() -> Parser:
 
 
 COMMANDS = {
-    "mount", "umount", "run", "replay", "bench", "top", "trace", "ask", "completion",
+    "mount", "umount", "run", "follow", "replay", "bench", "top", "trace", "ask", "completion",
 }  # fmt: skip
 
 
@@ -130,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             "trace": cmd_trace,
             "ask": cmd_ask,
             "completion": cmd_completion,
+            "follow": cmd_follow,
         }[args.command]
         return handler(args)
     except ConfigError as e:
@@ -196,6 +205,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except RunError as e:
         print(f"outheisfs: {e}", file=sys.stderr)
         return e.status
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    from .follow import follow
+
+    if args.since is not None and args.since < 0:
+        print("outheisfs: follow: --since takes a seq, 0 or more", file=sys.stderr)
+        return 2
+    return follow(mounts.mountpoint(args.mountpoint), args.since, args.agent, args.type)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -4,14 +4,19 @@ event per refused lookup."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
+from outheisfs.models import parse_ts
 from outheisfs.mounts import parse_mountinfo
 
-from .conftest import PY, Server, outheisfs, sh
+from .conftest import PY, Server, outheisfs, sh, wait_for
 
 # -- a refused lookup is one `denied` event --------------------------------------------
 
@@ -162,3 +167,129 @@ def test_run_refuses_bad_rights_before_binding(server: Server) -> None:
         r = outheisfs("run", "scribe", "--mount", str(server.mp), *args, "--", "true")
         assert r.returncode == 2 and why in r.stderr, (args, r.stderr)
     assert not server.agent("scribe", "ctl").exists()
+
+
+# -- follow ----------------------------------------------------------------------------
+
+
+class Follow:
+    """`outheisfs follow` as a subprocess; each line it prints, with when it came."""
+
+    def __init__(self, server: Server, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [PY, "-m", "outheisfs", "follow", str(server.mp), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        self.lines: list[tuple[float, dict[str, Any]]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.append((time.time(), json.loads(raw)))
+
+    def wait_open(self, server: Server) -> None:
+        """Until it has the log open and waits at its end (sleeping between reads):
+        from then on it follows from the end."""
+        log = str(server.p("log"))
+        proc = Path(f"/proc/{self.proc.pid}")
+
+        def at_the_end() -> bool:
+            try:
+                has_log = any(os.readlink(fd) == log for fd in (proc / "fd").iterdir())
+                return has_log and (proc / "wchan").read_text() == "hrtimer_nanosleep"
+            except OSError:
+                return False
+
+        wait_for(at_the_end, timeout=15, interval=0.001)
+
+    def seqs(self) -> list[int]:
+        return [ev["seq"] for _, ev in self.lines]
+
+    def wait_seq(self, seq: int, timeout: float = 15) -> None:
+        wait_for(lambda: self.lines and self.lines[-1][1]["seq"] >= seq, timeout=timeout)
+
+    def stop(self) -> tuple[int, str]:
+        """Ctrl-C, as a user stops it."""
+        self.proc.send_signal(signal.SIGINT)
+        code = self.proc.wait(timeout=10)
+        self._reader.join(timeout=5)
+        assert self.proc.stderr is not None
+        return code, self.proc.stderr.read().decode()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(timeout=5)
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def _last_seq(server: Server) -> int:
+    return int(server.events()[-1]["seq"])
+
+
+def test_follow_goes_on_across_remounts_with_nothing_repeated_or_missed(mounted: Server) -> None:
+    for i in range(3):
+        mounted.send("echo", f"before {i}")
+    f = Follow(mounted, "--since", "2")
+    try:
+        f.wait_seq(_last_seq(mounted))
+        assert mounted.umount().returncode == 0  # a clean remount
+        mounted.mount()
+        for i in range(3):
+            mounted.send("worker", f"between {i}")
+        f.wait_seq(_last_seq(mounted))
+        mounted.kill9()  # the server killed: a stale mount, cleaned up by the next mount
+        mounted.mount()
+        for i in range(3):
+            mounted.send("echo", f"after {i}")
+        f.wait_seq(_last_seq(mounted))
+        code, err = f.stop()
+    finally:
+        f.kill()
+    assert code == 0 and "Traceback" not in err, err
+    assert f.seqs() == list(range(2, _last_seq(mounted) + 1))  # no gap, no repeat
+    assert [ev for _, ev in f.lines] == mounted.events()[1:]  # the log's own lines
+    assert err.count("is back") == 2
+
+
+def test_follow_filters_by_agent_and_type_from_the_end(mounted: Server) -> None:
+    mounted.send("echo", "old")
+    f = Follow(mounted, "--agent", "worker", "--type", "message,ack")
+    try:
+        f.wait_open(mounted)
+        mounted.send("echo", "not for worker")
+        mounted.send("worker", "for worker")
+        assert sh(f"head -n1 {mounted.agent('worker', 'inbox')}").returncode == 0
+        wait_for(lambda: len(f.lines) == 2, timeout=10)
+        code, _ = f.stop()
+    finally:
+        f.kill()
+    assert code == 0
+    assert [(ev["type"], ev.get("body")) for _, ev in f.lines] == [
+        ("message", "for worker"),
+        ("ack", None),
+    ]
+
+
+def test_follow_shows_each_event_within_50_ms(mounted: Server) -> None:
+    f = Follow(mounted)
+    try:
+        f.wait_open(mounted)
+        n = 40
+        for i in range(n):
+            mounted.send("echo", f"m{i}")
+            time.sleep(0.02)
+        wait_for(lambda: len(f.lines) >= n, timeout=15)
+        f.stop()
+    finally:
+        f.kill()
+    lags = sorted(t - parse_ts(ev["ts"]) for t, ev in f.lines)
+    median, p95, worst = lags[len(lags) // 2], lags[int(len(lags) * 0.95)], lags[-1]
+    print(f"follow latency over {n} events: median {median * 1000:.1f} ms, "
+          f"p95 {p95 * 1000:.1f} ms, max {worst * 1000:.1f} ms")  # fmt: skip
+    assert median < 0.05, lags

@@ -3,6 +3,8 @@ rights, finding the mount, and the bookkeeping that logs a refused lookup once."
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import pytest
 from outheisfs.config import parse_config
 from outheisfs.dentries import Dentries
 from outheisfs.errors import ConfigError
+from outheisfs.follow import Filter, Position, last_line, seq_of
 from outheisfs.mounts import Mount, default_mountpoint, fsname, parse_mountinfo
 
 # -- one refused lookup, one `denied` event --------------------------------------------
@@ -73,3 +76,46 @@ def test_a_vault_domain_may_belong_to_user_but_not_to_an_unknown_agent() -> None
     assert config.vault == {"corpus": "user"}
     with pytest.raises(ConfigError, match=r"vault\.corpus: unknown owner agent 'nobody'"):
         parse_config('[vault]\ncorpus = "nobody"\n', Path("."))
+
+
+# -- follow ----------------------------------------------------------------------------
+
+
+def _line(seq: int, type_: str = "message", **more: Any) -> bytes:
+    return (json.dumps({"seq": seq, "ts": "t", "type": type_, **more}) + "\n").encode()
+
+
+def test_follow_takes_whole_lines_once_and_keeps_a_partial_one_for_later() -> None:
+    pos = Position(offset=100, seq=1)
+    data = _line(1) + _line(2) + _line(3)[:-5]  # 1 again (skipped), 2, and part of 3
+    assert [seq_of(x) for x in pos.take(data, Filter())] == [2]
+    assert pos.offset == 100 + len(_line(1) + _line(2))
+    assert pos.seq == 2
+    assert [seq_of(x) for x in pos.take(_line(3), Filter())] == [3]
+
+
+def test_follow_filters_by_agent_and_type_but_counts_every_event() -> None:
+    wanted = Filter({"b"}, {"message", "ack"})
+    data = (
+        _line(1, **{"from": "a", "to": "b"})
+        + _line(2, "deliver", agent="b")
+        + _line(3, **{"from": "a", "to": "c"})
+        + _line(4, "ack", agent="b", who="user")
+    )
+    pos = Position()
+    assert [seq_of(x) for x in pos.take(data, wanted)] == [1, 4]
+    assert pos.seq == 4
+
+
+def test_last_line_finds_the_line_that_ends_at_an_offset(tmp_path: Path) -> None:
+    p = tmp_path / "log"
+    long = _line(2, body="x" * 200_000)
+    p.write_bytes(_line(1) + long + _line(3))
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        assert last_line(fd, len(_line(1))) == _line(1)
+        assert last_line(fd, len(_line(1) + long)) == long  # longer than one look back
+        assert last_line(fd, len(_line(1)) - 3) == b""  # not at the end of a line
+        assert last_line(fd, 0) == b""
+    finally:
+        os.close(fd)
