@@ -110,6 +110,7 @@ class Config(BaseModel):
     # What one agent may hold of the server at once (the operator is not limited):
     max_waiting: int = Field(default=64, ge=1)  # requests parked: blocked reads and writes
     max_unfinished: int = Field(default=16 << 20, ge=64)  # bytes of unterminated lines
+    output_max: int = Field(default=10 << 20, ge=4096)  # bytes of agents/NAME/output, rotated
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     vault: dict[str, str] = Field(default_factory=dict)
     # Users whose processes act as the operator, beside the mounting user and root:

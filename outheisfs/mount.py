@@ -168,7 +168,14 @@ async def serve(opts: Options, ready: Ready) -> None:
     table = Processes(opts.config)
     ops = Operations(d, elog, procs, table)
     supervisor = Supervisor(
-        d, procs, opts.mountpoint, opts.state, opts.config.home, opts.config.stop_grace, table
+        d,
+        procs,
+        opts.mountpoint,
+        opts.state,
+        opts.config.home,
+        opts.config.stop_grace,
+        table,
+        ops.files.output,
     )
     ops.commands.supervisor = supervisor
     # The source shows the state folder: `mount` and `df` tell servers apart.
@@ -217,6 +224,7 @@ async def serve(opts: Options, ready: Ready) -> None:
     finally:
         ops.files.settle_all()  # also when serving failed: before the `umount` event
         d.note(events.umount(str(opts.mountpoint)))
+        ops.files.output.close()
         elog.close()
         pyfuse3.close(unmount=True)
         os.ftruncate(lock_fd, 0)  # no pid left behind for someone to signal later

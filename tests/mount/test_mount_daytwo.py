@@ -293,3 +293,63 @@ def test_follow_shows_each_event_within_50_ms(mounted: Server) -> None:
     print(f"follow latency over {n} events: median {median * 1000:.1f} ms, "
           f"p95 {p95 * 1000:.1f} ms, max {worst * 1000:.1f} ms")  # fmt: skip
     assert median < 0.05, lags
+
+
+# -- agent output ----------------------------------------------------------------------
+
+# The last line has no newline: it is written when the pipe ends (sleep does not hold it).
+POOL_SCRIPT = "echo hello from $OUTHEIS_INSTANCE; echo oops >&2; printf bye; exec sleep 60 >&- 2>&-"
+POOL = f"""
+[agents.pool]
+command = ["bash", "-c", {json.dumps(POOL_SCRIPT)}]
+instances = 2
+"""
+
+
+def _output(server: Server, name: str) -> list[list[str]]:
+    text = server.agent(name, "output").read_text()
+    return [line.split(" ", 4) for line in text.splitlines()]
+
+
+def test_output_of_a_pool_carries_time_instance_pid_and_stream(server: Server) -> None:
+    server.write_config(POOL)
+    server.mount()
+    wait_for(lambda: len(_output(server, "pool")) == 6, timeout=15)
+    pids = {str(e["instance"]): str(e["pid"]) for e in server.events("start")}
+    lines = _output(server, "pool")
+    assert sorted((inst, pid, stream, text) for _, inst, pid, stream, text in lines) == sorted(
+        (i, pids[i], stream, text)
+        for i in ("0", "1")
+        for stream, text in [("stdout", f"hello from {i}"), ("stderr", "oops"), ("stdout", "bye")]
+    )
+    for ts, *_ in lines:
+        assert abs(parse_ts(ts) - time.time()) < 60
+    # A file that only grows, read-only, the agent's own to read; on disk too.
+    assert sh(f"echo x > {server.agent('pool', 'output')}").returncode != 0
+    mine = outheisfs("run", "pool", "--mount", str(server.mp), "--", "cat", "output",
+                     cwd=server.agent("pool", "output").parent)  # fmt: skip
+    assert mine.stdout == server.agent("pool", "output").read_text()
+    assert (server.state / "output" / "pool.log").read_text() == mine.stdout
+    # A restarted instance: its new pid on its new lines.
+    server.agent("pool", "ctl").write_text("restart\n")
+    wait_for(lambda: len(_output(server, "pool")) == 12, timeout=20)
+    new = {str(e["instance"]): str(e["pid"]) for e in server.events("start")}
+    assert {(i, p) for _, i, p, *_ in _output(server, "pool")[6:]} == set(new.items())
+
+
+def test_output_rotates_past_output_max(server: Server) -> None:
+    script = 'for i in $(seq 1 300); do printf "line %04d %s\\n" $i ' + "x" * 30 + "; done"
+    server.write_config(
+        f'output_max = 4096\n[agents.talker]\ncommand = ["bash", "-c", {json.dumps(script)}]\n'
+        'restart = "temporary"\n'
+    )
+    server.mount()
+    last = "line 0300 " + "x" * 30
+    wait_for(lambda: server.agent("talker", "output").read_text().endswith(last + "\n"), 15)
+    current = server.agent("talker", "output").read_text()
+    older = (server.state / "output" / "talker.log.1").read_text()
+    assert len(current.encode()) <= 4096 and len(older.encode()) <= 4096
+    kept = [line.split(" ", 4)[4] for line in (older + current).splitlines()]
+    first = int(kept[0].split()[1])
+    assert first > 1  # the oldest were dropped ...
+    assert kept == [f"line {i:04d} " + "x" * 30 for i in range(first, 301)]  # ... the rest kept

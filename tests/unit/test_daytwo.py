@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from outheisfs.config import parse_config
 from outheisfs.dentries import Dentries
 from outheisfs.errors import ConfigError
 from outheisfs.follow import Filter, Position, last_line, seq_of
 from outheisfs.mounts import Mount, default_mountpoint, fsname, parse_mountinfo
+from outheisfs.output import MAX_LINE, Output
 
 # -- one refused lookup, one `denied` event --------------------------------------------
 
@@ -119,3 +122,38 @@ def test_last_line_finds_the_line_that_ends_at_an_offset(tmp_path: Path) -> None
         assert last_line(fd, 0) == b""
     finally:
         os.close(fd)
+
+
+# -- agent output ----------------------------------------------------------------------
+
+
+async def test_output_pump_writes_one_line_per_line_and_cuts_long_ones(tmp_path: Path) -> None:
+    out = Output(tmp_path, 1 << 20)
+    r, w = os.pipe()
+
+    def writer() -> None:  # more than a pipe holds: written while the pump reads
+        os.write(w, b"one\ntw")
+        os.write(w, b"o\n" + b"x" * (MAX_LINE + 10) + b"\n\nlast")
+        os.close(w)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, writer)
+        await out.pump(r, "a", 1, 42, "stderr")
+    lines = [line.split(b" ", 4) for line in out.path("a").read_bytes().split(b"\n")[:-1]]
+    assert [(i, p, s) for _, i, p, s, _ in lines] == [(b"1", b"42", b"stderr")] * 6
+    assert [t for *_, t in lines] == [b"one", b"two", b"x" * MAX_LINE, b"x" * 10, b"", b"last"]
+    assert out.size("a") == len(out.path("a").read_bytes())
+    assert out.read("a", 0, 1 << 20) == out.path("a").read_bytes()
+    out.close()
+
+
+def test_output_rotates_to_one_older_file(tmp_path: Path) -> None:
+    out = Output(tmp_path, 4096)
+    for i in range(200):
+        out.write("a", 0, 1, "stdout", b"%04d" % i)
+    current, older = out.path("a").read_bytes(), (tmp_path / "a.log.1").read_bytes()
+    assert len(current) <= 4096 and len(older) <= 4096
+    assert out.size("a") == len(current)
+    assert current.endswith(b" 0 1 stdout 0199\n")
+    assert Output(tmp_path, 4096).size("a") == len(current)  # as found on disk
+    out.close()
