@@ -1,4 +1,4 @@
-"""Who a request acts for, what that caller may see and do, and its refusals [SPEC §6].
+"""Who a request acts for, what that caller may see and do, and its refusals.
 
 The caller is an agent (the label of its process, given to it or an ancestor by
 the supervisor or `outheisfs run`), the operator (any other process of a uid
@@ -68,7 +68,7 @@ class Access:
         """The agent a request acts for: the label of the calling process, given
         to it (or an ancestor) by the supervisor or `outheisfs run`. A process that
         is no agent's is the operator; a request that cannot be attributed (pid 0,
-        a process already gone) is NOBODY, with the least rights [SPEC §6]. A
+        a process already gone) is NOBODY, with the least rights. A
         process of a uid that is not admitted as the operator is a stranger."""
         if not ctx.pid:
             return NOBODY

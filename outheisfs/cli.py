@@ -1,4 +1,4 @@
-"""The `outheisfs` command [SPEC §2]. Errors are one line and an exit status."""
+"""The `outheisfs` command. Errors are one line and an exit status."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The configuration file (`outheis.toml`), parsed and checked with pydantic [SPEC §3].
+"""The configuration file (`outheis.toml`), parsed and checked with pydantic.
 
 Every key is validated at mount time, also those whose behaviour lives in other
 modules: a typo is an error that names the key, never a silent default.
@@ -96,7 +96,7 @@ class AgentConfig(BaseModel):
 
 
 class Config(BaseModel):
-    """The whole file. Limits beyond SPEC §3 have the defaults the spec names."""
+    """The whole file; every key has its default (docs/reference.md §2)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 

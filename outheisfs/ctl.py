@@ -1,5 +1,5 @@
 """ctl files: the commands they take, how they are carried out, and the status
-they show [SPEC §4.5].
+they show.
 
 A write of several commands is all or nothing: every command is checked before
 the first is carried out. The supervisor's commands go through its public

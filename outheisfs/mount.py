@@ -1,4 +1,4 @@
-"""The server's life: check, replay, mount, serve, and shut down cleanly [SPEC §2].
+"""The server's life: check, replay, mount, serve, and shut down cleanly.
 
 `serve` runs in the foreground process. `mount` (the CLI's default) starts it as a
 detached child and returns only once the filesystem answers, passing errors back
@@ -132,7 +132,7 @@ def recover(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Dispatcher, EventLog]:
     """What every start does: replay the log (cutting a torn tail), install the
-    config, record the mount, and queue again what was in flight [SPEC §5]."""
+    config, record the mount, and queue again what was in flight."""
     elog = EventLog(state, durability)
     d = Dispatcher(config, elog)
     try:

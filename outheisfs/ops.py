@@ -147,7 +147,7 @@ class Operations(pyfuse3.Operations):
         a.st_ino = node.inode
         a.generation = 0
         # Nothing is cached: sizes grow, agents come and go, and the view will
-        # differ per caller [SPEC §6].
+        # differ per caller.
         a.entry_timeout = 0
         a.attr_timeout = 0
         a.st_mode = row.st_mode

@@ -157,3 +157,22 @@ def test_output_rotates_to_one_older_file(tmp_path: Path) -> None:
     assert current.endswith(b" 0 1 stdout 0199\n")
     assert Output(tmp_path, 4096).size("a") == len(current)  # as found on disk
     out.close()
+
+
+# -- the docs stand alone --------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_docs_and_code_cite_no_file_users_do_not_have() -> None:
+    """The reference is the contract users read: no doc, docstring, comment or
+    message of the package refers them to a specification they cannot open."""
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    files += sorted((ROOT / "outheisfs").rglob("*.py"))
+    found = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+        for path in files
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if "SPEC" in line
+    ]
+    assert not found, "\n".join(found)
