@@ -213,7 +213,11 @@ def cmd_follow(args: argparse.Namespace) -> int:
     if args.since is not None and args.since < 0:
         print("outheisfs: follow: --since takes a seq, 0 or more", file=sys.stderr)
         return 2
-    return follow(mounts.mountpoint(args.mountpoint), args.since, args.agent, args.type)
+    mp = mounts.mountpoint(args.mountpoint)
+    if not mp.is_dir() and not os.path.ismount(mp):
+        print(f"outheisfs: follow: mountpoint {mp} does not exist", file=sys.stderr)
+        return 2
+    return follow(mp, args.since, args.agent, args.type)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -118,10 +118,14 @@ class Follower:
         while True:
             try:
                 os.getxattr(self.mp, XATTR_PID)  # an outheisfs mount, not the folder under it
-                return os.open(self.mp / "log", os.O_RDONLY)
-            except OSError as e:
-                if e.errno not in GONE and e.errno != errno.ENODATA:
-                    raise
+            except OSError:
+                pass
+            else:
+                try:
+                    return os.open(self.mp / "log", os.O_RDONLY)
+                except OSError as e:
+                    if e.errno not in GONE:
+                        raise
             if not said:
                 print(f"outheisfs: follow: waiting for {self.mp} to be mounted", file=self.err)
                 said = True

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -176,3 +178,12 @@ def test_docs_and_code_cite_no_file_users_do_not_have() -> None:
         if "SPEC" in line
     ]
     assert not found, "\n".join(found)
+
+
+def test_follow_of_a_mountpoint_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "outheisfs", "follow", str(tmp_path / "nothere")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 2
+    assert r.stderr == f"outheisfs: follow: mountpoint {tmp_path / 'nothere'} does not exist\n"
