@@ -65,8 +65,13 @@ def test_the_mount_source_names_its_state_folder(mounted: Server) -> None:
     assert r.stdout.startswith(f"outheisfs:{mounted.state} ")
 
 
-def test_commands_default_to_outheis_mount(mounted: Server) -> None:
+def test_commands_default_to_outheis_mount(server: Server) -> None:
+    mounted = server
     env = dict(os.environ, OUTHEIS_MOUNT=str(mounted.mp))
+    r = subprocess.run([PY, "-m", "outheisfs", "mount", "--state", str(mounted.state)], env=env,
+                       cwd=mounted.root, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    mounted.pids.append(mounted.pid)  # mounted where the variable says
     r = subprocess.run(
         [PY, "-m", "outheisfs", "run", "alice", "--", "sh", "-c", 'echo "$OUTHEIS_MOUNT"'],
         env=env, cwd=mounted.root, capture_output=True, text=True, timeout=30,
