@@ -138,7 +138,7 @@ class Config(BaseModel):
         for domain, owner in self.vault.items():
             if not valid_name(domain):
                 raise ConfigError(f"vault.{domain}: domain name must match {NAME_RE.pattern}")
-            if owner != "user" and owner not in self.agents:
+            if owner != OPERATOR and owner not in self.agents:
                 raise ConfigError(
                     f"vault.{domain}: unknown owner agent {owner!r} "
                     '(an agent of the config, or "user" for the operator)'
