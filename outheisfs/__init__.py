@@ -3,7 +3,7 @@
 How the package fits together (one concept per module; each uses only the
 modules listed below it, and `bench` stands apart):
 
-    cli         the `outheisfs` command: mount, umount, run, replay, bench, ...
+    cli         the `outheisfs` command: mount, umount, run, follow, replay, ...
     helper      `outheisfs CONFIG MOUNTPOINT -o ...`, as `mount -t fuse.outheisfs` runs it
     top         `outheisfs top`: the live view, drawn with rich, from the mount alone
     trace       `outheisfs trace`: one message and its replies, in one pass over the log
@@ -11,12 +11,15 @@ modules listed below it, and `bench` stands apart):
     completion  the bash completion script
     mount       the server's life: checks, replay, mount, serve, clean stop
     run         `outheisfs run`: a command bound to an agent
+    follow      `outheisfs follow`: the log as it grows, across remounts
     ops         the pyfuse3 adapter: one documented handler per FUSE request
     vaultops    the vault's requests, with owners and views (the vault's adapter)
     openfile    an open agent file: reads, writes, parked requests, close grace
     ctl         ctl commands (parsed, checked, carried out) and status text
     supervisor  agent processes started, watched, restarted (OTP policies)
+    output      agents' stdout and stderr, stamped line by line, rotated
     access      who a caller is, what it may see, refusals and `denied` events
+    dentries    names the kernel holds: one refused lookup, one `denied` event
     procevents  forks and exits from the kernel: which agent a process is
     parking     requests that wait, and the signals that end them
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
@@ -35,6 +38,7 @@ modules listed below it, and `bench` stands apart):
     operators   who acts as the operator: the mounting user, root, `operators`
     confine     the seccomp filter agent processes run under
     procinfo    what /proc says about a process; exit statuses in words
+    mounts      which mount a command means; the mount's source names its state
     names       the names every module agrees on (operator, nobody, pid xattr)
     progress    a progress line on a terminal
     errors      domain errors and their errno

@@ -1,4 +1,4 @@
-"""Who a request acts for, what that caller may see and do, and its refusals [SPEC §6].
+"""Who a request acts for, what that caller may see and do, and its refusals.
 
 The caller is an agent (the label of its process, given to it or an ancestor by
 the supervisor or `outheisfs run`), the operator (any other process of a uid
@@ -9,7 +9,8 @@ may do with a path is its view (`views`); this module asks it, and turns a
 refusal into the errno the caller sees and an event in the log: `denied` for a
 path outside the view (ENOENT) or used beyond the rights (EACCES), `error` for
 the rest. `denied` events are rate-limited per agent, so that an agent looping
-on refusals cannot fill the disk.
+on refusals cannot fill the disk, and a lookup the kernel asks twice (see
+`dentries`) is one event.
 
 Nothing here knows FUSE: the request context is anything with a `pid`.
 """
@@ -19,9 +20,11 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from . import events
+from .dentries import HOLD, Dentries
 from .dispatcher import Dispatcher
 from .errors import Hidden, NoRight, OutheisError, OverLimit
 from .names import NOBODY, OPERATOR
@@ -54,6 +57,10 @@ class Access:
         self._denied: dict[
             str, tuple[float, float, int]
         ] = {}  # "type who" -> (tokens, when, unlogged)
+        self.dentries = Dentries()  # names the kernel holds: a refused lookup is logged once
+        # Calls a function after a delay; set by the server, which runs the event
+        # loop. Without it a refused lookup is logged at once.
+        self.later: Callable[[float, Callable[[], None]], None] | None = None
 
     # -- identity -------------------------------------------------------------------------
 
@@ -61,7 +68,7 @@ class Access:
         """The agent a request acts for: the label of the calling process, given
         to it (or an ancestor) by the supervisor or `outheisfs run`. A process that
         is no agent's is the operator; a request that cannot be attributed (pid 0,
-        a process already gone) is NOBODY, with the least rights [SPEC §6]. A
+        a process already gone) is NOBODY, with the least rights. A
         process of a uid that is not admitted as the operator is a stranger."""
         if not ctx.pid:
             return NOBODY
@@ -123,11 +130,19 @@ class Access:
             return
         e.recorded = True
         if isinstance(e, (Hidden, NoRight)):
+            held = op == "lookup" and self.later is not None
+            if held and self.dentries.refused(who, where, (op, e.reason)):
+                assert self.later is not None
+                self.later(HOLD, lambda: self._overdue(who, where, e))
+                return
             ev = events.denied(who, op, where, e.reason, 0, errno.errorcode.get(e.errno, "EIO"))
         elif e.errno in QUIET:
             return
         else:
             ev = events.error(where, e.errno, e.reason, who)
+        self._limited(who, e, ev)
+
+    def _limited(self, who: str, e: OutheisError, ev: events.Event) -> None:
         # An agent looping on refusals (or on requests past its limits) must not
         # fill the disk: past a burst, at most DENIED_RATE events a second of each
         # type; the next one logged says how many were left out.
@@ -143,3 +158,11 @@ class Access:
             if dropped:
                 ev["unlogged"] = dropped
         self.d.note(ev)
+
+    def _overdue(self, who: str, where: str, e: OutheisError) -> None:
+        """A held-back refusal of a lookup that no fresh lookup followed: logged now."""
+        held = self.dentries.overdue(who, where)
+        if held is not None:
+            op, why = held
+            code = errno.errorcode.get(e.errno, "EIO")
+            self._limited(who, e, events.denied(who, op, where, why, 0, code))

@@ -1,14 +1,16 @@
-"""The `outheisfs` command [SPEC §2]. Errors are one line and an exit status."""
+"""The `outheisfs` command. Errors are one line and an exit status."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from . import mounts
 from .errors import ConfigError, LogDamaged
 
 # The server's modules (pydantic, trio) are imported by the commands that need them:
@@ -20,12 +22,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"outheisfs: {message} (see outheisfs --help)\n")
 
 
+WHICH = "default: $OUTHEIS_MOUNT, else the only outheisfs mount, else ./mount"
+
+
 def build_parser() -> Parser:
     p = Parser(prog="outheisfs", description="Cooperating agents as files.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     m = sub.add_parser("mount", help="mount the tree (in the background unless --foreground)")
-    m.add_argument("mountpoint", nargs="?", default="mount")
+    m.add_argument("mountpoint", nargs="?", help="default: $OUTHEIS_MOUNT, else ./mount")
     m.add_argument("--config", type=Path)
     m.add_argument("--state", type=Path, default=Path(".outheis"))
     m.add_argument("--foreground", action="store_true")
@@ -34,14 +39,35 @@ def build_parser() -> Parser:
     m.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     u = sub.add_parser("umount", help="stop the server and unmount")
-    u.add_argument("mountpoint", nargs="?", default="mount")
+    u.add_argument("mountpoint", nargs="?", help=WHICH)
 
     r = sub.add_parser(
-        "run", help="run COMMAND as agent NAME", usage="outheisfs run NAME [--mount MP] -- COMMAND"
+        "run",
+        help="run COMMAND as agent NAME",
+        usage="outheisfs run NAME [--mount MP] [--unveil PATH=PERMS]... [--send NAME]... "
+        "-- COMMAND",
     )
     r.add_argument("name")
-    r.add_argument("--mount", default="mount")
+    r.add_argument("--mount", help=WHICH)
+    r.add_argument(
+        "--unveil",
+        action="append",
+        default=[],
+        metavar="PATH=PERMS",
+        help="add PATH (absolute in the mount) to its view with r, w, rw or -",
+    )
+    r.add_argument(
+        "--send", action="append", default=[], metavar="NAME", help="let it send to NAME (*: all)"
+    )
     r.add_argument("cmd", nargs="*", help=argparse.SUPPRESS)
+
+    f = sub.add_parser("follow", help="print the log as it grows, across remounts")
+    f.add_argument("mountpoint", nargs="?", help=WHICH)
+    f.add_argument("--since", type=int, metavar="SEQ", help="from event SEQ (default: the end)")
+    f.add_argument("--agent", action="append", default=[], metavar="NAME",
+                   help="only events that concern NAME (repeat, or NAME,NAME)")  # fmt: skip
+    f.add_argument("--type", action="append", default=[], metavar="TYPE",
+                   help="only events of TYPE (repeat, or TYPE,TYPE)")  # fmt: skip
 
     rp = sub.add_parser("replay", help="rebuild the state from the log and print it")
     rp.add_argument("--state", type=Path, default=Path(".outheis"))
@@ -53,7 +79,7 @@ def build_parser() -> Parser:
     b.add_argument("--json", action="store_true")
 
     t = sub.add_parser("top", help="live view of the agents of a mount")
-    t.add_argument("mountpoint", nargs="?", default="mount")
+    t.add_argument("mountpoint", nargs="?", help=WHICH)
     t.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
 
     tr = sub.add_parser("trace", help="the events of one message and its replies")
@@ -66,7 +92,7 @@ def build_parser() -> Parser:
     a = sub.add_parser("ask", help="send as the operator and print the reply")
     a.add_argument("name")
     a.add_argument("body", nargs="*", help="the message (default: standard input)")
-    a.add_argument("--mount", default="mount")
+    a.add_argument("--mount", help=WHICH)
     a.add_argument("--timeout", type=float, default=30.0)
     a.add_argument("--json", action="store_true")
 
@@ -77,7 +103,7 @@ def build_parser() -> Parser:
 
 
 COMMANDS = {
-    "mount", "umount", "run", "replay", "bench", "top", "trace", "ask", "completion",
+    "mount", "umount", "run", "follow", "replay", "bench", "top", "trace", "ask", "completion",
 }  # fmt: skip
 
 
@@ -114,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             "trace": cmd_trace,
             "ask": cmd_ask,
             "completion": cmd_completion,
+            "follow": cmd_follow,
         }[args.command]
         return handler(args)
     except ConfigError as e:
@@ -143,7 +170,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         )
         return 1
     durability = args.durability or config.durability
-    mp = Path(args.mountpoint).absolute()
+    mp = Path(args.mountpoint or os.environ.get("OUTHEIS_MOUNT") or "mount").absolute()
     state = args.state.absolute()
     try:
         sandbox.check(config, state)
@@ -182,17 +209,30 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_umount(args: argparse.Namespace) -> int:
     from . import mount
 
-    return mount.umount(Path(args.mountpoint).absolute())
+    return mount.umount(mounts.mountpoint(args.mountpoint))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from .run import RunError, run
 
     try:
-        return run(Path(args.mount).absolute(), args.name, args.cmd)
+        return run(mounts.mountpoint(args.mount), args.name, args.cmd, args.unveil, args.send)
     except RunError as e:
         print(f"outheisfs: {e}", file=sys.stderr)
         return e.status
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    from .follow import follow
+
+    if args.since is not None and args.since < 0:
+        print("outheisfs: follow: --since takes a seq, 0 or more", file=sys.stderr)
+        return 2
+    mp = mounts.mountpoint(args.mountpoint)
+    if not mp.is_dir() and not os.path.ismount(mp):
+        print(f"outheisfs: follow: mountpoint {mp} does not exist", file=sys.stderr)
+        return 2
+    return follow(mp, args.since, args.agent, args.type)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -209,7 +249,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     from .top import TopError, main
 
     try:
-        return main(Path(args.mountpoint).absolute(), args.interval)
+        return main(mounts.mountpoint(args.mountpoint), args.interval)
     except TopError as e:
         print(f"outheisfs: {e}", file=sys.stderr)
         return 1
@@ -246,7 +286,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from .ask import AskError, main
 
     try:
-        return main(Path(args.mount).absolute(), args.name, args.body, args.timeout, args.json)
+        return main(mounts.mountpoint(args.mount), args.name, args.body, args.timeout, args.json)
     except AskError as e:
         print(f"outheisfs: {e}", file=sys.stderr)
         return e.status

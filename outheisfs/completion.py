@@ -34,7 +34,7 @@ _outheisfs() {
   local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD - 1]}
   COMPREPLY=()
   if ((COMP_CWORD == 1)); then
-    local all="mount umount run replay bench top trace ask completion --help"
+    local all="mount umount run follow replay bench top trace ask completion --help"
     COMPREPLY=($(compgen -W "$all" -- "$cur"))
     return
   fi
@@ -43,12 +43,13 @@ _outheisfs() {
     --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     --state | --mount) COMPREPLY=($(compgen -d -- "$cur")); return ;;
     --durability) COMPREPLY=($(compgen -W "process disk" -- "$cur")); return ;;
-    --timeout | --until) return ;;
+    --timeout | --until | --since | --unveil) return ;;
   esac
   local opts
   case $cmd in
     mount) opts="--config --state --foreground --durability" ;;
-    run) opts="--mount" ;;
+    run) opts="--mount --unveil --send" ;;
+    follow) opts="--since --agent --type" ;;
     replay) opts="--state --until --json" ;;
     bench) opts="--quick --json" ;;
     trace) opts="--state --mount --json" ;;
@@ -62,7 +63,7 @@ _outheisfs() {
   local n=$?
   mp=$(_outheisfs_mountpoint)
   case $cmd in
-    mount | umount | top) COMPREPLY=($(compgen -d -- "$cur")) ;;
+    mount | umount | top | follow) COMPREPLY=($(compgen -d -- "$cur")) ;;
     completion) ((n == 0)) && COMPREPLY=($(compgen -W "bash" -- "$cur")) ;;
     ask | run)
       if ((n == 0)); then

@@ -1,4 +1,4 @@
-"""The configuration file (`outheis.toml`), parsed and checked with pydantic [SPEC §3].
+"""The configuration file (`outheis.toml`), parsed and checked with pydantic.
 
 Every key is validated at mount time, also those whose behaviour lives in other
 modules: a typo is an error that names the key, never a silent default.
@@ -136,7 +136,7 @@ class ClusterConfig(BaseModel):
 
 
 class Config(BaseModel):
-    """The whole file. Limits beyond SPEC §3 have the defaults the spec names."""
+    """The whole file; every key has its default (docs/reference.md §2)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -150,6 +150,7 @@ class Config(BaseModel):
     # What one agent may hold of the server at once (the operator is not limited):
     max_waiting: int = Field(default=64, ge=1)  # requests parked: blocked reads and writes
     max_unfinished: int = Field(default=16 << 20, ge=64)  # bytes of unterminated lines
+    output_max: int = Field(default=10 << 20, ge=4096)  # bytes of agents/NAME/output, rotated
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     vault: dict[str, str] = Field(default_factory=dict)
     # Users whose processes act as the operator, beside the mounting user and root:
@@ -183,8 +184,11 @@ class Config(BaseModel):
         for domain, owner in self.vault.items():
             if not valid_name(domain):
                 raise ConfigError(f"vault.{domain}: domain name must match {NAME_RE.pattern}")
-            if owner not in self.agents:
-                raise ConfigError(f"vault.{domain}: unknown owner agent {owner!r}")
+            if owner != OPERATOR and owner not in self.agents:
+                raise ConfigError(
+                    f"vault.{domain}: unknown owner agent {owner!r} "
+                    '(an agent of the config, or "user" for the operator)'
+                )
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:

@@ -1,5 +1,5 @@
 """ctl files: the commands they take, how they are carried out, and the status
-they show [SPEC §4.5].
+they show.
 
 A write of several commands is all or nothing: every command is checked before
 the first is carried out. The supervisor's commands go through its public
@@ -95,11 +95,20 @@ def pids(proc: ProcState) -> str:
 
 
 def agent_status(
-    agent: Agent, proc: ProcState, confinement: tuple[tuple[str, str], ...] = ()
+    agent: Agent,
+    proc: ProcState,
+    confinement: tuple[tuple[str, str], ...] = (),
+    exists: Callable[[str], bool] = lambda path: True,
 ) -> str:
+    """Status lines; a granted path that does not exist (yet) is marked `(missing)`."""
     ac = agent.config
     send = ",".join(ac.send) if ac and ac.send else "-"
-    unveil = ",".join(f"{p}:{m}" for p, m in sorted(agent.grants.items())) or "-"
+    unveil = (
+        ",".join(
+            f"{p}:{m}" + ("" if exists(p) else "(missing)") for p, m in sorted(agent.grants.items())
+        )
+        or "-"
+    )
     rows = [
         ("name", agent.name),
         ("state", proc.state),
@@ -156,6 +165,7 @@ class Commands:
         self.table = table
         self.supervisor: Supervisor | None = None  # set once the mount runs one
         self.state = state  # for the confinement shown (TMPDIR, the state folder's place)
+        self.exists: Callable[[str], bool] = lambda path: True  # whether a path is in the tree
 
     def status(self, name: str | None) -> bytes:
         """What a ctl file reads as now (the root's if `name` is None). An agent
@@ -168,7 +178,8 @@ class Commands:
                 p.bound = self.procs.members({n})
         if name:
             rights = sandbox.describe(self.policy(name), landlock.abi())
-            return agent_status(self.d.agents[name], self.table.of(name), tuple(rights)).encode()
+            agent, proc = self.d.agents[name], self.table.of(name)
+            return agent_status(agent, proc, tuple(rights), self.exists).encode()
         return root_status(self.d, self.table).encode()
 
     def policy(self, name: str) -> sandbox.Policy:

@@ -2,7 +2,7 @@
 
 Every change is first written to the event log and then applied by `apply`, the
 same function that rebuilds the state at start-up: the live state is, by
-construction, what a replay of the log gives [SPEC §5]. The same events applied
+construction, what a replay of the log gives. The same events applied
 on any machine give the same state, so the dispatcher holds nothing else: no
 waiting (trio), no FUSE, no processes. Who is asking and where to wait is its
 callers' business (`openfile`); they learn of each applied event through
@@ -46,7 +46,7 @@ class Agent:
     delivered: int = 0
     dead: int = 0
     origin: str = "config"  # config | mkdir | message (created by a message to it)
-    grants: dict[str, str] = field(default_factory=dict)  # its view [SPEC §6], see views.py
+    grants: dict[str, str] = field(default_factory=dict)  # its view, see views.py
 
     @property
     def queued(self) -> int:
@@ -60,7 +60,7 @@ class Dispatcher:
         self.agents: dict[str, Agent] = {}
         self.messages: dict[str, Message] = {}  # pending: queued or in flight
         self.seq = 0
-        # Reply rights [SPEC §15]: message id -> (who received it, its sender), for
+        # Reply rights: message id -> (who received it, its sender), for
         # the last RECEIVED deliveries; and the instances ack_wait took messages from.
         self.received: dict[str, tuple[str, str]] = {}
         self.taken_back: dict[str, set[int | None]] = {}

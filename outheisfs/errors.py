@@ -40,7 +40,7 @@ class NoRight(OutheisError):
 
 
 class Hidden(OutheisError):
-    """A path outside the caller's view: for it, it does not exist [SPEC §6]."""
+    """A path outside the caller's view: for it, it does not exist."""
 
     errno = errno.ENOENT
 

@@ -1,4 +1,4 @@
-"""The append-only event log: the single source of truth [SPEC §5, §8].
+"""The append-only event log: the single source of truth.
 
 Layout of the state folder:
 

@@ -87,7 +87,7 @@ def due(agent: Agent, now: float) -> Message | None:
 
 def reply_target(d: Dispatcher, sender: str, msg_id: str) -> str:
     """Whom a reply to `msg_id` goes to: the sender of a message `sender` was
-    delivered. The right comes from the logged delivery [SPEC §15]."""
+    delivered. The right comes from the logged delivery."""
     agent = d.agent(sender)
     held: Message | None = agent.inflight.get(msg_id)
     if held is not None:

@@ -1,4 +1,4 @@
-"""One agent's queue: three priority classes, FIFO within each, with aging [SPEC §4.3].
+"""One agent's queue: three priority classes, FIFO within each, with aging.
 
 A message that has waited `aging` seconds competes as if one class higher, two
 classes after twice that, so background work reaches the front eventually even

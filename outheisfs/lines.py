@@ -1,4 +1,4 @@
-"""Cutting what writers send into lines [SPEC §4.2].
+"""Cutting what writers send into lines.
 
 Data after the last newline of a write waits for the rest of its line. The
 kernel cuts a large write(2) into several requests; when one of them is refused,

@@ -1,4 +1,4 @@
-"""Messages: what a writer may send (envelopes), what a reader gets [SPEC §4.1, §4.2].
+"""Messages: what a writer may send (envelopes), what a reader gets.
 
 Parsing sits on the hot path of every write, so lines that are plain text skip
 pydantic; envelopes (JSON objects) are checked by the `Envelope` model.
@@ -142,7 +142,7 @@ class Message:
     reason: str = ""  # a dead letter: why it died
 
     def line(self) -> bytes:
-        """The line a reader gets [SPEC §4.1]."""
+        """The line a reader gets."""
         return (
             dumps(
                 {
@@ -165,7 +165,7 @@ class Message:
 
 
 class Envelope(BaseModel):
-    """A line that is a JSON object [SPEC §4.2]."""
+    """A line that is a JSON object."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -1,4 +1,4 @@
-"""The server's life: check, replay, mount, serve, and shut down cleanly [SPEC §2].
+"""The server's life: check, replay, mount, serve, and shut down cleanly.
 
 `serve` runs in the foreground process. `mount` (the CLI's default) starts it as a
 detached child and returns only once the filesystem answers, passing errors back
@@ -28,6 +28,7 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .errors import LogDamaged
 from .eventlog import EventLog
+from .mounts import fsname, hint
 from .names import XATTR_PID
 from .ops import Operations
 from .procevents import ProcEvents
@@ -132,7 +133,7 @@ def recover(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Dispatcher, EventLog]:
     """What every start does: replay the log (cutting a torn tail), install the
-    config, record the mount, and queue again what was in flight [SPEC §5]."""
+    config, record the mount, and queue again what was in flight."""
     elog = EventLog(state, durability)
     d = Dispatcher(config, elog)
     try:
@@ -168,10 +169,18 @@ async def serve(opts: Options, ready: Ready) -> None:
     table = Processes(opts.config)
     ops = Operations(d, elog, procs, table)
     supervisor = Supervisor(
-        d, procs, opts.mountpoint, opts.state, opts.config.home, opts.config.stop_grace, table
+        d,
+        procs,
+        opts.mountpoint,
+        opts.state,
+        opts.config.home,
+        opts.config.stop_grace,
+        table,
+        ops.files.output,
     )
     ops.commands.supervisor = supervisor
-    options = {"fsname=outheisfs", "subtype=outheisfs", "noatime"}
+    # The source shows the state folder: `mount` and `df` tell servers apart.
+    options = {fsname(opts.state), "subtype=outheisfs", "noatime"}
     if os.geteuid() == 0:
         options.add("allow_other")
     try:
@@ -182,6 +191,15 @@ async def serve(opts: Options, ready: Ready) -> None:
     try:
         async with trio.open_nursery() as nursery:
             ops.files.nursery = nursery
+
+            def later(delay: float, fn: Callable[[], None]) -> None:
+                async def after() -> None:
+                    await trio.sleep(delay)
+                    fn()
+
+                nursery.start_soon(after)
+
+            ops.rights.later = later
 
             async def fuse_main() -> None:
                 await pyfuse3.main(min_tasks=4, max_tasks=MAX_TASKS)
@@ -207,6 +225,7 @@ async def serve(opts: Options, ready: Ready) -> None:
     finally:
         ops.files.settle_all()  # also when serving failed: before the `umount` event
         d.note(events.umount(str(opts.mountpoint)))
+        ops.files.output.close()
         elog.close()
         pyfuse3.close(unmount=True)
         os.ftruncate(lock_fd, 0)  # no pid left behind for someone to signal later
@@ -317,7 +336,7 @@ def umount(mp: Path, timeout: float = 60.0) -> int:
         if e.errno == errno.ENOENT:
             print(f"outheisfs: {mp} does not exist", file=sys.stderr)
             return 2
-        print(f"outheisfs: {mp} is not an outheisfs mount", file=sys.stderr)
+        print(f"outheisfs: {mp} is not an outheisfs mount{hint(mp)}", file=sys.stderr)
         return 1
     st = procinfo.stat(pid)
     try:

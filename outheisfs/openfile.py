@@ -50,6 +50,7 @@ from .events import Event
 from .lines import LineBuffer
 from .models import INFLIGHT, Message, parse_line
 from .names import OPERATOR
+from .output import Output
 from .parking import Parking
 from .procevents import ProcEvents
 from .tree import Kind, Node, Read, Write
@@ -129,6 +130,7 @@ class OpenFiles:
         self.procs = procs
         self.commands = commands
         self.fhs = fhs  # file handle numbers, shared with the vault's open files
+        self.output = Output(log_.state / "output", d.config.output_max)  # agents' stdout, stderr
         self.handles: dict[int, Handle] = {}
         # What each agent holds of the server now (the operator is not counted):
         self.waiting: dict[str, int] = {}  # requests parked
@@ -196,6 +198,8 @@ class OpenFiles:
             return self.log.size(row.stream_of(node.agent))
         if row.read is Read.STATUS:
             return len(self._status(node))
+        if row.read is Read.OUTPUT:
+            return self.output.size(node.agent or "")
         return 0
 
     def _status(self, node: Node) -> bytes:
@@ -209,6 +213,8 @@ class OpenFiles:
             return await self._read_inbox(h, size)
         if h.snapshot is not None:
             return h.snapshot[off : off + size]
+        if row.read is Read.OUTPUT:
+            return self.output.read(h.node.agent or "", off, size)
         return self.log.read(row.stream_of(h.node.agent), off, size)
 
     async def write(self, h: Handle, buf: bytes) -> int:

@@ -34,11 +34,13 @@ from .names import OPERATOR, XATTR_PID, XATTR_POLICY, XATTR_SENT
 from .openfile import Handle, OpenFiles
 from .procevents import ProcEvents
 from .procstate import Processes
-from .tree import AGENTS_INODE, ROOT_INODE, VAULT_INODE, Node, Tree
+from .tree import AGENT_ROWS, AGENTS_INODE, ROOT_INODE, ROOT_ROWS, VAULT_INODE, Node, Tree
 from .vault import Store
 from .vaultops import VaultOps
 
 log = logging.getLogger(__name__)
+FILE_NAMES = {row.name for row in AGENT_ROWS}
+ROOT_NAMES = {row.name for row in ROOT_ROWS}
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -86,6 +88,7 @@ class Operations(pyfuse3.Operations):
             self.tree.add_agent(name)
         self.rights = Access(dispatcher, procs)
         self.commands = Commands(dispatcher, procs, self.table, log_.state)
+        self.commands.exists = self._exists  # ctl marks grants of paths not there (missing)
         fhs = itertools.count(1)  # one numbering for agent files, folders and vault files
         self.files = OpenFiles(dispatcher, log_, self.rights, procs, self.commands, fhs)
         self.store = Store(log_.state / "vault", VAULT_INODE)
@@ -119,6 +122,21 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         return h
 
+    def _exists(self, path: str) -> bool:
+        """Whether a path of a grant names something in the tree now."""
+        parts = path.strip("/").split("/")
+        if parts[0] == "vault":
+            try:
+                self.store.lstat("/".join(parts[1:]))
+            except (OSError, pyfuse3.FUSEError):
+                return False
+            return True
+        if parts[0] == "agents" and len(parts) > 1:
+            if parts[1] != "*" and parts[1] not in self.d.agents:
+                return False
+            return len(parts) == 2 or (len(parts) == 3 and parts[2] in FILE_NAMES)
+        return len(parts) == 1 and (parts[0] in ROOT_NAMES or not parts[0])
+
     def _visible(self, who: str, node: Node, op: str) -> str:
         """The caller's perms on a node it may see ("rw" for the operator)."""
         return "rw" if who == OPERATOR else self.rights.visible(who, node.path, op)
@@ -129,7 +147,7 @@ class Operations(pyfuse3.Operations):
         a.st_ino = node.inode
         a.generation = 0
         # Nothing is cached: sizes grow, agents come and go, and the view will
-        # differ per caller [SPEC §6].
+        # differ per caller.
         a.entry_timeout = 0
         a.attr_timeout = 0
         a.st_mode = row.st_mode
@@ -166,7 +184,9 @@ class Operations(pyfuse3.Operations):
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         node = self._node(inode)
-        return self._attrs(node, self._visible(self.who(ctx), node, "lookup"))
+        perms = self._visible(self.who(ctx), node, "lookup")
+        self.rights.dentries.shown(node.path)
+        return self._attrs(node, perms)
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -284,6 +304,7 @@ class Operations(pyfuse3.Operations):
             perms = self.rights.perms(who, child.path)
             if perms is None:
                 continue  # hidden: absent from the listing
+            self.rights.dentries.shown(child.path)  # a listing gives the kernel names too
             if not pyfuse3.readdir_reply(token, name.encode(), self._attrs(child, perms), i):
                 break
 

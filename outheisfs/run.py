@@ -1,4 +1,4 @@
-"""`outheisfs run NAME -- COMMAND`: run a command as agent NAME [SPEC §2].
+"""`outheisfs run NAME -- COMMAND`: run a command as agent NAME.
 
 A child process asks the server to bind it to NAME (the operator's `bind` on
 the agent's ctl) and then becomes COMMAND by exec. The server labels the process
@@ -8,6 +8,10 @@ waits: it passes on SIGTERM and SIGHUP, takes the command's exit status (or dies
 of the same signal), and when the command failed it prints the reasons the
 server gave for what it refused meanwhile (NAME's `errors` file): a write can
 only return an errno, the reason is in that file.
+
+Rights given with `--unveil` and `--send` are written to the agent's ctl in the
+same write as `bind`, by the operator (the ctl file was opened before the
+process became the agent): the command starts with them in its view.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import sys
 from pathlib import Path
 
 from . import sandbox
+from .mounts import hint
 
 PR_SET_PDEATHSIG = 1
 SHOWN = 5  # reasons printed at most
@@ -34,13 +39,40 @@ class RunError(Exception):
         self.status = status
 
 
-def bind(mp: Path, name: str) -> None:
-    """Make this process agent `name` of the mount at `mp` (creating the agent if needed)."""
+PERMS = ("r", "w", "rw", "-")
+
+
+def grant_lines(mp: Path, unveil: list[str], send: list[str]) -> list[str]:
+    """The ctl commands for `--unveil PATH=PERMS` and `--send NAME`. PATH is
+    absolute in the mount (a path that begins with the mountpoint is taken too)."""
+    lines = []
+    for item in unveil:
+        path, eq, perms = item.rpartition("=")
+        if not eq or not path or perms not in PERMS:
+            raise RunError(f"--unveil {item!r}: give PATH=PERMS, PERMS one of r, w, rw, -", 2)
+        if path == str(mp) or path.startswith(f"{mp}/"):
+            path = path[len(str(mp)) :] or "/"
+        if not path.startswith("/") or any(p in (".", "..") for p in path.split("/")):
+            raise RunError(f"--unveil {item!r}: PATH must be absolute in the mount", 2)
+        if any(c.isspace() for c in path):
+            raise RunError(f"--unveil {item!r}: PATH may not hold white space", 2)
+        lines.append(f"unveil {path} {perms}")
+    for to in send:
+        if to != "*" and not os.path.isdir(mp / "agents" / to):
+            raise RunError(f"--send {to!r}: no such agent", 2)
+        lines.append(f"unveil /agents/{to}/inbox w")
+    return lines
+
+
+def bind(mp: Path, name: str, grants: list[str] | None = None) -> None:
+    """Make this process agent `name` of the mount at `mp` (creating the agent if
+    needed), with `grants` (ctl commands of the operator's) added to its view in the
+    same write: they hold from the first thing the command does."""
     try:
         os.getxattr(mp, XATTR_PID)
     except OSError:
         raise RunError(
-            f"{mp} is not an outheisfs mount (mount it with 'outheisfs mount')"
+            f"{mp} is not an outheisfs mount (mount it with 'outheisfs mount'){hint(mp)}"
         ) from None
     folder = mp / "agents" / name
     try:
@@ -54,12 +86,14 @@ def bind(mp: Path, name: str) -> None:
     try:
         fd = os.open(folder / "ctl", os.O_WRONLY)
         try:
-            os.write(fd, b"bind\n")
+            os.write(fd, "".join(f"{line}\n" for line in ["bind", *(grants or [])]).encode())
         finally:
             os.close(fd)
     except OSError as e:
         if e.errno == errno.EPERM:
             raise RunError("an agent's process cannot run as another agent") from None
+        if e.errno == errno.EINVAL and grants:
+            raise RunError(f"cannot bind to agent {name!r} with {grants}: {e.strerror}") from None
         raise RunError(f"cannot bind to agent {name!r}: {e.strerror}") from None
 
 
@@ -84,9 +118,16 @@ def confine(mp: Path, name: str, cmd: list[str], env: dict[str, str]) -> str:
     return policy.tmpdir
 
 
-def run(mp: Path, name: str, cmd: list[str]) -> int:
+def run(
+    mp: Path,
+    name: str,
+    cmd: list[str],
+    unveil: list[str] | None = None,
+    send: list[str] | None = None,
+) -> int:
     if not cmd:
         raise RunError("run: no command given (outheisfs run NAME -- COMMAND [ARG...])", 2)
+    grants = grant_lines(mp, unveil or [], send or [])  # refused before anything is done
     errors = mp / "agents" / name / "errors"
     try:
         start = os.stat(errors).st_size
@@ -97,7 +138,7 @@ def run(mp: Path, name: str, cmd: list[str]) -> int:
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        os._exit(_child(mp, name, cmd, parent))
+        os._exit(_child(mp, name, cmd, parent, grants))
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda s, _f: os.kill(pid, s))
     for sig in (signal.SIGINT, signal.SIGQUIT):  # the terminal sends them to the command too
@@ -116,7 +157,7 @@ def run(mp: Path, name: str, cmd: list[str]) -> int:
     return code
 
 
-def _child(mp: Path, name: str, cmd: list[str], parent: int) -> int:
+def _child(mp: Path, name: str, cmd: list[str], parent: int, grants: list[str]) -> int:
     """Bind, then become the command; a status if that fails."""
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -124,7 +165,7 @@ def _child(mp: Path, name: str, cmd: list[str], parent: int) -> int:
             return 1
         for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
-        bind(mp, name)
+        bind(mp, name, grants)
         env = dict(os.environ, OUTHEIS_AGENT=name, OUTHEIS_MOUNT=str(mp))
         env["PATH"] = sandbox.agent_path(env.get("PATH"))
         env["TMPDIR"] = confine(mp, name, cmd, env)

@@ -41,6 +41,7 @@ from . import events, flows, procinfo, sandbox
 from .config import AgentConfig
 from .dispatcher import Dispatcher
 from .errors import BadInput
+from .output import Output
 from .procevents import ProcEvents
 from .procinfo import abnormal
 from .procstate import Processes, ProcState
@@ -211,13 +212,14 @@ class Supervisor:
         home: Path,
         grace: float,
         table: Processes | None = None,
+        output: Output | None = None,
     ) -> None:
         self.d = dispatcher
         self.table = table or Processes(dispatcher.config)
         self.procs = procs
         self.mountpoint = mountpoint
         self.state = state
-        self.output = state / "output"
+        self.output = output or Output(state / "output", dispatcher.config.output_max)
         self.home = home
         self.grace = grace
         self.runners: dict[str, Runner] = {}
@@ -236,7 +238,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         become_subreaper()
-        self.output.mkdir(parents=True, exist_ok=True)
+        self.output.folder.mkdir(parents=True, exist_ok=True)
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
@@ -313,7 +315,8 @@ class Supervisor:
         cmd = self._command(runner)
         env = self._env(runner, inst)
         cwd = self.mountpoint / "agents" / name
-        out = open(self.output / f"{name}.log", "ab")
+        out_r, out_w = os.pipe()  # stdout and stderr, read by the server, line by line
+        err_r, err_w = os.pipe()
 
         since = time.monotonic()
 
@@ -328,8 +331,8 @@ class Supervisor:
                         cwd=cwd,
                         env=env,
                         stdin=subprocess.DEVNULL,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
+                        stdout=out_w,
+                        stderr=err_w,
                         start_new_session=True,
                         preexec_fn=_die_with_server(
                             os.getpid(), confine, policy.confine == "required"
@@ -341,7 +344,8 @@ class Supervisor:
         try:
             popen = await self._spawner.run(spawn)
         except OSError as e:
-            out.close()
+            for fd in (out_r, out_w, err_r, err_w):
+                os.close(fd)
             code = errno.errorcode.get(e.errno or 0, "ENOEXEC")
             self.d.note(
                 events.error(f"/agents/{name}", code, f"cannot start {cmd[0]!r}: {e.strerror}")
@@ -351,7 +355,11 @@ class Supervisor:
             assert self._nursery is not None
             self._nursery.start_soon(self._exited, runner, inst, 127 << 8)
             return
-        out.close()
+        os.close(out_w)
+        os.close(err_w)
+        assert self._nursery is not None
+        self._nursery.start_soon(self.output.pump, out_r, name, index, popen.pid, "stdout")
+        self._nursery.start_soon(self.output.pump, err_r, name, index, popen.pid, "stderr")
         inst.popen, inst.pid = popen, popen.pid
         self.procs.label(popen.pid, inst.label, since)
         if self.d.agents[name].priority == "background":

@@ -32,6 +32,7 @@ class Kind(Enum):
     LOG = "log"
     DEAD = "dead"
     ERRORS = "errors"
+    OUTPUT = "output"
 
 
 class Read(Enum):
@@ -41,6 +42,7 @@ class Read(Enum):
     QUEUE = "queue"  # the next message of the agent's inbox, one per read
     STREAM = "stream"  # a growing stream of the event log, at the file offset
     STATUS = "status"  # a status text, as of open
+    OUTPUT = "output"  # what the agent's processes print, at the file offset
 
 
 class Write(Enum):
@@ -68,8 +70,8 @@ class Row:
 
     @property
     def growing(self) -> bool:
-        """Its size grows with the log (and so does its mtime)."""
-        return self.read is Read.STREAM
+        """Its size grows (and so does its mtime)."""
+        return self.read in (Read.STREAM, Read.OUTPUT)
 
     def stream_of(self, agent: str | None) -> str | None:
         """The event-log stream this row reads, for `agent`'s file."""
@@ -109,6 +111,7 @@ AGENT_ROWS = (
     # dead letters as of open, JSON lines; the refusals of its processes, JSON lines
     Row("dead", Kind.DEAD, 0o440, "r", "r", Read.STATUS),
     Row("errors", Kind.ERRORS, 0o440, "r", "r", Read.STREAM, Write.NONE, "{agent}.errors"),
+    Row("output", Kind.OUTPUT, 0o440, "r", "r", Read.OUTPUT),
 )
 
 _FIXED = {ROOT_INODE: ROOT} | {ROOT_INODE + 1 + i: row for i, row in enumerate(ROOT_ROWS)}

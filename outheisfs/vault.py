@@ -1,4 +1,4 @@
-"""The vault: a shared knowledge base of ordinary files, one owner per domain [SPEC §7, §14].
+"""The vault: a shared knowledge base of ordinary files, one owner per domain.
 
 `vault/` shows a real folder in the state folder (STATE/vault). Each top-level
 folder named in the config's [vault] table is a domain with one owner agent:

@@ -1,4 +1,4 @@
-"""Requests on the vault, with the caller's rights [SPEC §6, §7].
+"""Requests on the vault, with the caller's rights.
 
 Reading needs "r" in the caller's view; changing anything needs the operator,
 or the owner of the domain the path lies in with "w" in its view. A path
@@ -44,7 +44,7 @@ def attrs(inode: int, st: os.stat_result, mask: int = 0o7777) -> pyfuse3.EntryAt
     a = pyfuse3.EntryAttributes()
     a.st_ino = inode
     a.generation = 0
-    a.entry_timeout = 0  # the view differs per caller [SPEC §6]
+    a.entry_timeout = 0  # the view differs per caller
     a.attr_timeout = 0
     a.st_mode = (st.st_mode & ~0o7777) | (st.st_mode & mask)
     a.st_nlink = st.st_nlink
@@ -125,6 +125,7 @@ class VaultOps:
         return mask
 
     def entry(self, who: str, ino: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        self.rights.dentries.shown(where(ino.path))  # the kernel may now hold the name
         if who == OPERATOR:  # the operator's view needs no path: the common case, kept cheap
             return attrs(ino.number, st)
         return attrs(ino.number, st, self.mask(who, ino.path, st))

@@ -1,4 +1,4 @@
-"""Who sees what: unveil [SPEC §6].
+"""Who sees what: unveil.
 
 The operator sees everything. An agent sees its own folder, the inboxes of the
 agents it may send to (write only), and the paths it was granted: `unveil` in

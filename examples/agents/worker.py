@@ -37,6 +37,8 @@ def main() -> None:
         # No "to": a reply to the message this process holds, even with the
         # other instances holding theirs.
         os.write(outbox, json.dumps({"body": answer}).encode() + b"\n")
+        # What an agent prints goes to agents/worker/output, stamped per line.
+        print(f"job of {msg['from']}: {answer['words']} words", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`outheisfs bench`: what a message costs, beside the floor [SPEC §9].
+"""`outheisfs bench`: what a message costs, beside the floor.
 
 Every figure is measured through real mounts served by separate processes:
 outheisfs, and the floor (`bench/floor.py`, a pyfuse3 filesystem whose one file only
@@ -335,7 +335,7 @@ def roundtrip_figures(
 ) -> list[Figure]:
     """p50 and p99 of `times` (seconds) beside one floor write (None: `note` says why).
 
-    `what` holds `{p}` where the percentile goes; `targets`: SPEC §9's, for outheisfs."""
+    `what` holds `{p}` where the percentile goes; `targets`: outheisfs's (performance.md)."""
     figs = []
     for p, target in ((50, 6.0), (99, 25.0)):
         f = Figure(f"{key}_p{p}", what.format(p=p), "ms", None, note=note)
@@ -482,7 +482,7 @@ def measure(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
 
 
 def vault_figures(root: Path, quick: bool, progress: Callable[[str], None]) -> list[Figure]:
-    """The vault's rows, beside a passthrough of the same folder [SPEC §14]."""
+    """The vault's rows, beside a passthrough of the same folder."""
     from . import vaultbench
 
     figs = []

@@ -1,4 +1,4 @@
-"""The floor: the least a pyfuse3 filesystem can do for a message [SPEC §9].
+"""The floor: the least a pyfuse3 filesystem can do for a message.
 
 One file, `queue`: a write appends its bytes to a queue in memory, a read takes
 what is queued (or returns nothing). It is mounted with outheisfs's options and

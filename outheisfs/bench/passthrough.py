@@ -1,4 +1,4 @@
-"""The vault's floor: a minimal pyfuse3 passthrough of a backing folder [SPEC §14].
+"""The vault's floor: a minimal pyfuse3 passthrough of a backing folder.
 
 It serves a folder of the host as it is, with no views, no events and no
 checks: inode numbers are the backing files' own, known by path; each request

@@ -1,4 +1,4 @@
-"""The vault's rows of `outheisfs bench`, beside a passthrough of the same folder [SPEC §14].
+"""The vault's rows of `outheisfs bench`, beside a passthrough of the same folder.
 
 outheisfs is mounted with one vault domain; `passthrough.py` serves its state
 folder at a second mountpoint, so that the same backing files are reached by

@@ -157,7 +157,8 @@ def test_supervised_agents_are_confined_and_get_their_own_tmpdir(server: Server)
     server.mount()
     out = server.state / "output" / "probe.log"
     wait_for(lambda: out.exists() and out.read_text().strip(), timeout=10)
-    assert json.loads(out.read_text()) == {"read:/root": "EACCES", "write:$TMPDIR/x": "ok"}
+    text = out.read_text().split(" ", 4)[4]  # after time, instance, pid and stream
+    assert json.loads(text) == {"read:/root": "EACCES", "write:$TMPDIR/x": "ok"}
     # TMPDIR in the environment is the private folder, kept per agent.
     assert (server.root / "TMPDIR").exists() is False
     assert (server.state / "tmp" / "probe").is_dir()

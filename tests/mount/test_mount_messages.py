@@ -356,7 +356,7 @@ def test_growing_files_are_regular_files(mounted: Server) -> None:
 
 
 def test_modes_and_wrong_access(mounted: Server) -> None:
-    for f in ("log",):
+    for f in ("log", "output"):
         with pytest.raises(PermissionError):
             open(mounted.agent("echo", f), "w")
         assert os.stat(mounted.agent("echo", f)).st_mode & 0o222 == 0
@@ -374,6 +374,7 @@ def test_modes_and_wrong_access(mounted: Server) -> None:
         "inbox",
         "log",
         "outbox",
+        "output",
     ]
 
 

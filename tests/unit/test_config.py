@@ -147,7 +147,7 @@ def test_defaults() -> None:
         # unknown agents in send and [vault]
         ('[agents.echo]\nsend = ["nobody"]', "agents.echo.send"),
         ('[agents.echo]\n[vault]\nnotes = "nobody"', "vault.notes"),
-        ('[vault]\nnotes = "user"', "vault.notes"),
+        ('[vault]\nnotes = "User"', "vault.notes"),
         ('[agents.echo]\n[vault]\n"Bad Domain" = "echo"', "vault.Bad Domain"),
         # confinement
         ('confine = "maybe"', "confine"),

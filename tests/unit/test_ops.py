@@ -106,6 +106,7 @@ async def test_agents_listing(env: OpsEnv) -> None:
             "inbox",
             "log",
             "outbox",
+            "output",
         ]
     assert await errno_of(env.ino("agents/nobody")) == errno.ENOENT
     assert await errno_of(env.ino("agents/echo/nope")) == errno.ENOENT
@@ -119,7 +120,15 @@ async def test_readdir_resumes(env: OpsEnv) -> None:
     rest = Token()
     await env.ops.readdir(fh, first[-1][2], rest)
     names = [n for n, _, _ in first] + [n for n, _, _ in rest]
-    assert sorted(names) == [b"ctl", b"dead", b"errors", b"inbox", b"log", b"outbox"]
+    assert sorted(names) == [
+        b"ctl",
+        b"dead",
+        b"errors",
+        b"inbox",
+        b"log",
+        b"outbox",
+        b"output",
+    ]
     for name, attr, _ in first + rest:
         looked = await env.ops.lookup(await env.ino("agents/echo"), name, env.ctx)
         assert looked.st_ino == attr.st_ino
