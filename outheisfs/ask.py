@@ -49,11 +49,20 @@ def send(mp: Path, name: str, line: bytes) -> str:
         if e.errno == errno.ENOENT:
             raise AskError(f"ask: no agent {name!r} in {mp}") from None
         raise AskError(f"ask: cannot open {inbox}: {e.strerror}") from None
+    errors = mp / "agents" / "user" / "errors"  # why a write of the operator's was refused
+    try:
+        start = os.stat(errors).st_size
+    except OSError:
+        start = 0
     try:
         os.write(fd, line)
         return os.getxattr(fd, XATTR_SENT).decode().split()[0]
     except OSError as e:
-        raise AskError(f"ask: message to {name} refused: {e.strerror}") from None
+        from .run import reasons  # only on this path: it needs the server's modules
+
+        why = reasons(errors, start)
+        said = f" ({why[-1]})" if why else ""
+        raise AskError(f"ask: message to {name} refused: {e.strerror}{said}") from None
     finally:
         os.close(fd)
 

@@ -119,6 +119,11 @@ def test_ask_errors(team: Server, tmp_path: Path) -> None:
     assert (r.returncode, r.stderr) == (1, f"outheisfs: ask: no agent 'nobody' in {team.mp}\n")
     r = outheisfs("ask", "--mount", str(tmp_path), "echo", "x")
     assert r.returncode == 1 and "is not an outheisfs mount" in r.stderr
+    # A refused message: the reason the server logged, not only the errno.
+    r = ask(team, "echo", '{"body": 1, "colour": "red"}')
+    assert r.returncode == 1
+    assert "refused: Invalid argument (EINVAL on /agents/echo/inbox:" in r.stderr, r.stderr
+    assert "colour" in r.stderr, r.stderr
 
 
 def test_take_through_the_mount(team: Server) -> None:
