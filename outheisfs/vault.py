@@ -33,6 +33,10 @@ from pathlib import Path
 
 VAULT_BASE = 1 << 40  # far above the tree's inode numbers
 NAME_MAX = 255  # the longest name accepted, and what statvfs reports
+# A request's cost grows with its path's depth (views are decided on the path): a
+# tree of a few thousand levels would let one agent slow every caller. Deeper
+# paths are ENAMETOOLONG, whether made through the mount or found on the backing disk.
+MAX_DEPTH = 256  # names below vault/, the domain's included
 # Flags the backing open never takes: creation is done by `create`, a symlink is
 # never followed by the server, and O_DIRECT would ask the backing file for
 # aligned buffers that FUSE does not give (the kernel does direct I/O itself).
@@ -152,7 +156,10 @@ class Store:
     @staticmethod
     def join(parent: str, name: str) -> str:
         name = Store.check_name(name)
-        return f"{parent}/{name}" if parent else name
+        path = f"{parent}/{name}" if parent else name
+        if path.count("/") >= MAX_DEPTH:
+            raise fail(errno.ENAMETOOLONG, f"vault paths are limited to {MAX_DEPTH} levels")
+        return path
 
     def fd(self, ino: Inode) -> int:
         """The inode's O_PATH descriptor, opened by its name if not held yet; a
@@ -196,6 +203,7 @@ class Store:
     def entry(self, parent: Inode, name: str) -> tuple[Inode, os.stat_result]:
         """Look `name` up in `parent`: its inode, with a descriptor held, and its
         attributes. The caller counts the kernel's reference (`looked_up`)."""
+        self.join(parent.path, name)  # too deep or too long: ENAMETOOLONG
         st = os.stat(name, dir_fd=self.fd(parent), follow_symlinks=False)
         ino = self._adopt(parent, name, st)
         if ino.fd < 0:
