@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -32,6 +33,8 @@ from nats.js.kv import KeyValue
 
 from ..config import HOST_RE
 from .engine import Engine, EngineError, EngineUnavailable
+
+CLAIM_WAIT = 10.0  # seconds a claim waits for a bucket that has no leader yet
 
 
 def valid_host(name: str) -> bool:
@@ -114,13 +117,40 @@ class Hosts:
 
     async def _claim(self) -> None:
         assert self._kv is not None
+        # A bucket just made has no leader for a moment: its first writes find no
+        # responder. Retry for a while; a retried create that finds the key holding
+        # this claim's own token was stored by an earlier try whose answer was lost.
+        deadline = time.monotonic() + CLAIM_WAIT
+        while True:
+            try:
+                self._rev = await self._kv.create(self.name, self._value())
+                return
+            except nats.js.errors.KeyWrongLastSequenceError:
+                if await self._holds_own_claim():
+                    return
+                break
+            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        raise HostNameInUse(
+            f"host name {self.name!r} is in use on stream {self.engine.stream!r} by a "
+            f"live host (a host that stopped frees it after {self.host_timeout:g} s)"
+        )
+
+    async def _holds_own_claim(self) -> bool:
+        assert self._kv is not None
         try:
-            self._rev = await self._kv.create(self.name, self._value())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            raise HostNameInUse(
-                f"host name {self.name!r} is in use on stream {self.engine.stream!r} by a "
-                f"live host (a host that stopped frees it after {self.host_timeout:g} s)"
-            ) from None
+            entry = await self._kv.get(self.name)
+        except nats.js.errors.KeyNotFoundError:
+            return False
+        try:
+            mine = json.loads(entry.value or b"{}").get("claim") == self._nonce
+        except ValueError:
+            return False
+        if mine and entry.revision is not None:
+            self._rev = entry.revision
+        return bool(mine)
 
     async def _refresh(self) -> None:
         assert self._kv is not None
