@@ -102,10 +102,16 @@ class Floor(pyfuse3.Operations):
 
 
 async def serve(mountpoint: str) -> None:
-    options = {"fsname=floor", "subtype=floor", "noatime"}
+    await serve_ops(Floor(), mountpoint, "floor")
+
+
+async def serve_ops(ops: pyfuse3.Operations, mountpoint: str, name: str) -> None:
+    """Mount `ops` as file system `name` and serve until unmounted or told to stop.
+    The bench's reference file systems (this floor, the vault's passthrough) share it."""
+    options = {f"fsname={name}", f"subtype={name}", "noatime"}
     if os.geteuid() == 0:
         options.add("allow_other")
-    pyfuse3.init(Floor(), mountpoint, options)
+    pyfuse3.init(ops, mountpoint, options)
     try:
         async with trio.open_nursery() as nursery:
 

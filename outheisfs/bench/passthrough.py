@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import pyfuse3
 import trio
+
+from .floor import serve_ops
 
 T = TypeVar("T")
 
@@ -185,24 +186,7 @@ class Passthrough(pyfuse3.Operations):
 
 
 async def serve(root: str, mountpoint: str) -> None:
-    options = {"fsname=passthrough", "subtype=passthrough", "noatime"}
-    if os.geteuid() == 0:
-        options.add("allow_other")
-    pyfuse3.init(Passthrough(root), mountpoint, options)
-    try:
-        async with trio.open_nursery() as nursery:
-
-            async def main() -> None:
-                await pyfuse3.main(min_tasks=4, max_tasks=100)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(main)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                async for _ in sigs:
-                    break
-            nursery.cancel_scope.cancel()
-    finally:
-        pyfuse3.close(unmount=True)
+    await serve_ops(Passthrough(root), mountpoint, "passthrough")
 
 
 if __name__ == "__main__":
