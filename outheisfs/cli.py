@@ -162,13 +162,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.host is not None and not HOST_RE.fullmatch(args.host):
         raise ConfigError(f"--host: {args.host!r} must match {HOST_RE.pattern}")
-    if config.cluster is not None:  # honest until the dispatcher runs on the stream
-        print(
-            "outheisfs: [cluster]: mounting on several hosts is not wired in yet "
-            "(see docs/cluster.md); without the [cluster] table this host mounts alone",
-            file=sys.stderr,
-        )
-        return 1
     durability = args.durability or config.durability
     mp = Path(args.mountpoint or os.environ.get("OUTHEIS_MOUNT") or "mount").absolute()
     state = args.state.absolute()

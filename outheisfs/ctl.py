@@ -99,8 +99,10 @@ def agent_status(
     proc: ProcState,
     confinement: tuple[tuple[str, str], ...] = (),
     exists: Callable[[str], bool] = lambda path: True,
+    host: str | None = None,
 ) -> str:
-    """Status lines; a granted path that does not exist (yet) is marked `(missing)`."""
+    """Status lines; a granted path that does not exist (yet) is marked `(missing)`.
+    In a cluster, `host`: where its processes run."""
     ac = agent.config
     send = ",".join(ac.send) if ac and ac.send else "-"
     unveil = (
@@ -113,6 +115,7 @@ def agent_status(
         ("name", agent.name),
         ("state", proc.state),
         ("pid", pids(proc)),
+        *([("host", host)] if host is not None else []),
         ("priority", agent.priority),
         ("restart", ac.restart if ac else "-"),
         ("restarts", str(proc.restarts)),
@@ -144,12 +147,15 @@ def agent_status(
     return "".join(f"{k} {v}\n" for k, v in rows)
 
 
-def root_status(d: Dispatcher, table: Processes) -> str:
-    """One line per agent: NAME STATE PID PRIORITY QUEUED."""
+def root_status(
+    d: Dispatcher, table: Processes, host_of: Callable[[str], str] | None = None
+) -> str:
+    """One line per agent: NAME STATE PID PRIORITY QUEUED (in a cluster, then HOST)."""
     out = []
     for a in d.agents.values():
         p = table.of(a.name)
-        out.append(f"{a.name} {p.state} {pids(p)} {a.priority} {a.queued}\n")
+        where = "" if host_of is None else f" {host_of(a.name)}"
+        out.append(f"{a.name} {p.state} {pids(p)} {a.priority} {a.queued}{where}\n")
     return "".join(out)
 
 
@@ -166,6 +172,7 @@ class Commands:
         self.supervisor: Supervisor | None = None  # set once the mount runs one
         self.state = state  # for the confinement shown (TMPDIR, the state folder's place)
         self.exists: Callable[[str], bool] = lambda path: True  # whether a path is in the tree
+        self.host_of: Callable[[str], str] | None = None  # in a cluster: where NAME runs
 
     def status(self, name: str | None) -> bytes:
         """What a ctl file reads as now (the root's if `name` is None). An agent
@@ -179,8 +186,9 @@ class Commands:
         if name:
             rights = sandbox.describe(self.policy(name), landlock.abi())
             agent, proc = self.d.agents[name], self.table.of(name)
-            return agent_status(agent, proc, tuple(rights), self.exists).encode()
-        return root_status(self.d, self.table).encode()
+            host = None if self.host_of is None else self.host_of(name)
+            return agent_status(agent, proc, tuple(rights), self.exists, host).encode()
+        return root_status(self.d, self.table, self.host_of).encode()
 
     def policy(self, name: str) -> sandbox.Policy:
         """What agent NAME's processes may touch outside the mount."""

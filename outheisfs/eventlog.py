@@ -458,6 +458,12 @@ class EventLog:
                 self._syncing = None
                 done.set()
 
+    async def settled(self) -> bool:
+        """Whether the caller's last events took effect: on one host they are
+        applied as they are appended, so always. (A cluster's log waits for them
+        to come back from the stream: `cluster.node`.)"""
+        return True
+
     # -- reading -----------------------------------------------------------------------
 
     def size(self, stream: str | None = None) -> int:

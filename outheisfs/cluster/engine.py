@@ -401,8 +401,10 @@ async def open_engine(
     *,
     publish_timeout: float = 30.0,
     bridge: Bridge | None = None,
+    connect_limit: float | None = None,
 ) -> AsyncIterator[Engine]:
-    """Connect, make sure the stream exists with `replicas`, and yield the engine."""
+    """Connect (within `connect_limit`, else `publish_timeout`), make sure the
+    stream exists with `replicas`, and yield the engine."""
     own = bridge is None
     br = Bridge() if bridge is None else bridge
     try:
@@ -410,7 +412,9 @@ async def open_engine(
         async def connect() -> Client:
             # nats-py retries a first connection as long as later ones (for ever): bound it.
             try:
-                return await asyncio.wait_for(nats.connect(**options.kwargs()), publish_timeout)
+                return await asyncio.wait_for(
+                    nats.connect(**options.kwargs()), connect_limit or publish_timeout
+                )
             except (nats.errors.Error, OSError, TimeoutError) as e:
                 raise EngineUnavailable(
                     f"cannot reach the NATS servers {', '.join(options.servers)}: "

@@ -1,0 +1,173 @@
+"""Several mounts, one system: real mounts on one machine against three `nats-server`s.
+
+Each host is its own mount (its own mountpoint, state folder and `--host`), all
+sharing one stream of a `LocalCluster`; the tests use shell tools and real
+processes, as users and agents do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from outheisfs.cluster.local import LocalCluster
+
+from .conftest import Server, _alive, outheisfs, read_one, sh, wait_for
+
+pytestmark = pytest.mark.cluster
+
+ECHO = """\
+import json, sys
+with open("inbox") as inbox, open("outbox", "w") as out:
+    for line in inbox:
+        m = json.loads(line)
+        out.write(json.dumps({"body": {"echo": m["body"], "host": sys.argv[1]}}) + "\\n")
+        out.flush()
+"""
+
+
+class Hosts:
+    """Mounts on one LocalCluster; each with its own folder."""
+
+    def __init__(self, root: Path, cluster: LocalCluster, host_timeout: float = 3.0) -> None:
+        self.root = root
+        self.cluster = cluster
+        self.host_timeout = host_timeout
+        self.mounts: dict[str, Server] = {}
+        (root / "echo.py").write_text(ECHO)
+
+    def config(self, agents: str = "") -> str:
+        servers = json.dumps(self.cluster.urls)
+        return (
+            f'[cluster]\nservers = {servers}\nstream = "outheis"\nreplicas = 3\n'
+            f"host_timeout = {self.host_timeout}\n\n[agents.echo]\n"
+            f'command = ["python3", "{self.root / "echo.py"}", "x"]\n'
+            f'host = ["h1", "h2"]\nsend = ["*"]\n\n[agents.worker]\n' + agents
+        )
+
+    def mount(self, name: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        s = self.mounts.get(name)
+        if s is None:
+            folder = self.root / name
+            folder.mkdir()
+            s = self.mounts[name] = Server(folder)
+            s.write_config(self.config())
+        return s.mount("--host", name, check=check)
+
+    def cleanup(self) -> None:
+        for s in self.mounts.values():
+            s.cleanup()
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    with LocalCluster(tmp_path / "nats") as cluster:
+        h = Hosts(tmp_path, cluster)
+        try:
+            yield h
+        finally:
+            h.cleanup()
+
+
+def log_of(s: Server) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in s.p("log").read_text().splitlines()]
+
+
+def test_a_message_written_on_one_host_is_read_on_another(hosts: Hosts) -> None:
+    hosts.mount("h1")
+    hosts.mount("h2")
+    h1, h2 = hosts.mounts["h1"], hosts.mounts["h2"]
+    r = sh(f"echo hello from h1 > {h1.agent('worker', 'inbox')}")
+    assert r.returncode == 0, r.stderr
+    got = read_one(h2, "worker")
+    assert got["body"] == "hello from h1" and got["from"] == "user"
+    # The same log on both hosts: same seqs, same events, same order.
+    wait_for(lambda: log_of(h1) == log_of(h2), timeout=10)
+    seqs = [e["seq"] for e in log_of(h1)]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert [e["type"] for e in log_of(h1)].count("deliver") == 1
+    # the cache in each state folder holds the same events
+    assert h1.events() == log_of(h1)
+
+
+def test_one_delivery_per_message_across_hosts(hosts: Hosts) -> None:
+    hosts.mount("h1")
+    hosts.mount("h2")
+    h1, h2 = hosts.mounts["h1"], hosts.mounts["h2"]
+    n = 40
+    lines = "".join(f"m{i}\n" for i in range(n))
+    with open(h1.agent("worker", "inbox"), "w") as f:
+        f.write(lines)
+    # readers on both hosts at once, each taking until the queue is empty
+    script = 'while m=$(timeout 3 head -n1 {}); [ -n "$m" ]; do echo "$m"; done'
+    procs = [
+        subprocess.Popen(
+            ["bash", "-c", script.format(s.agent("worker", "inbox"))],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for s in (h1, h2, h1, h2)
+    ]
+    bodies: list[str] = []
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        bodies += [json.loads(line)["body"] for line in out.splitlines()]
+    assert sorted(bodies) == sorted(f"m{i}" for i in range(n))  # each once
+    wait_for(lambda: log_of(h1) == log_of(h2), timeout=10)
+
+
+def test_a_second_mount_with_a_host_name_in_use_is_refused(hosts: Hosts) -> None:
+    hosts.mount("h1")
+    (hosts.root / "other").mkdir()
+    other = hosts.mounts["other"] = Server(hosts.root / "other")
+    other.write_config(hosts.config())
+    r = other.mount("--host", "h1", check=False)
+    assert r.returncode == 1
+    assert len(r.stderr.strip().splitlines()) == 1 and "'h1'" in r.stderr
+    assert not os.path.ismount(other.mp)
+
+
+def test_the_agent_runs_on_its_first_host_and_fails_over(hosts: Hosts) -> None:
+    hosts.mount("h1")
+    hosts.mount("h2")
+    h1, h2 = hosts.mounts["h1"], hosts.mounts["h2"]
+    wait_for(lambda: h1.status("echo")["state"] == "running", timeout=10)
+    assert h2.status("echo")["state"] == "stopped"
+    assert h1.status("echo")["host"] == "h1" and h2.status("echo")["host"] == "h1"
+    h2.send("echo", "one")
+    assert read_one(h2, "user")["body"]["echo"] == "one"
+    # h1 killed: after host_timeout its agent runs on h2; a message sent meanwhile
+    # is delivered there, nothing lost.
+    echo_pid = int(h1.status("echo")["pid"])
+    h1.kill9()
+    os.kill(echo_pid, signal.SIGKILL) if _alive(echo_pid) else None
+    h2.send("echo", "two")
+    wait_for(lambda: h2.status("echo")["state"] == "running", timeout=20)
+    assert h2.status("echo")["host"] == "h2"
+    assert read_one(h2, "user")["body"]["echo"] == "two"
+    gone = [e for e in log_of(h2) if e["type"] == "host-gone"]
+    assert [e["host"] for e in gone] == ["h1"]
+    # h1 mounted again (once its lease lapsed) does not take the agent back
+    wait_for(lambda: hosts.mount("h1", check=False).returncode == 0, timeout=20, interval=0.5)
+    wait_for(lambda: h1.status("echo")["host"] == "h2", timeout=10)
+    assert h1.status("echo")["state"] == "stopped"
+    assert outheisfs("umount", str(h1.mp)).returncode == 0
+
+
+def test_a_mount_that_reaches_no_server_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mp").mkdir()
+    (tmp_path / "c.toml").write_text('[cluster]\nservers = ["nats://127.0.0.1:9"]\n')
+    r = outheisfs(
+        "mount", str(tmp_path / "mp"), "--config", str(tmp_path / "c.toml"), "--host", "h1",
+        "--state", str(tmp_path / "state"),
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert r.stderr.count("\n") == 1 and "cannot reach the NATS servers" in r.stderr
+    assert not os.path.ismount(tmp_path / "mp")
