@@ -545,6 +545,8 @@ class OpenFiles:
             if h.nonblock:
                 raise WouldBlock(f"inbox of {full.name} is full")
             await self._park(_lot(self._room, full.name), h)
+        if h.nonblock and self.log.away:
+            raise WouldBlock("the event log's engine is out of reach")
         try:
             self.d.deliver(planned)
         except UnicodeEncodeError:  # a "\ud800" escape in JSON: nothing was logged

@@ -74,7 +74,6 @@ class ClusterLog(EventLog):
         self._last: dict[Any, Ticket] = {}  # trio task -> the last ticket it appended
         self._rejected: set[int] = set()
         self._rejected_order: deque[int] = deque()
-        self.away = False  # the last publish failed: the engine is out of reach
 
     # -- publishing ------------------------------------------------------------------
 
@@ -105,15 +104,18 @@ class ClusterLog(EventLog):
         try:
             ticket.seqs = await self.engine.publish(ticket.batch)
         except EngineError as e:
-            self.away = True
             ticket.error = str(e)
             log.error("%s", e)
             ticket.done.set()
             return
-        self.away = False
         await self.wait_applied(max(ticket.seqs))
         ticket.lost = ticket.delivers and any(s in self._rejected for s in ticket.seqs)
         ticket.done.set()
+
+    @property
+    def away(self) -> bool:
+        """The engine is out of reach now (its connection is down)."""
+        return not self.engine.nc.is_connected
 
     async def wait_applied(self, seq: int) -> None:
         while self.applied < seq:
@@ -291,7 +293,11 @@ async def _joined(
     assert cfg is not None
     options = connect_options(cfg, config.home, name=f"outheisfs {host}")
     async with open_engine(
-        options, cfg.stream, cfg.replicas, connect_limit=CONNECT_LIMIT
+        options,
+        cfg.stream,
+        cfg.replicas,
+        publish_timeout=cfg.write_timeout,
+        connect_limit=CONNECT_LIMIT,
     ) as engine:
         hosts = Hosts(engine, host, cfg.host_timeout)
         order = Order()

@@ -23,13 +23,30 @@ from .conftest import Server, _alive, outheisfs, read_one, sh, wait_for
 
 pytestmark = pytest.mark.cluster
 
+# Echoes each message with the name of the host it runs on (its mount's folder).
 ECHO = """\
-import json, sys
+import json, os
+host = os.path.basename(os.path.dirname(os.environ["OUTHEIS_MOUNT"]))
 with open("inbox") as inbox, open("outbox", "w") as out:
     for line in inbox:
         m = json.loads(line)
-        out.write(json.dumps({"body": {"echo": m["body"], "host": sys.argv[1]}}) + "\\n")
+        out.write(json.dumps({"body": {"echo": m["body"], "host": host}}) + "\\n")
         out.flush()
+"""
+
+# Asks echo what the operator sent it, and passes the answer on to the operator.
+ASKER = """\
+import json, os
+host = os.path.basename(os.path.dirname(os.environ["OUTHEIS_MOUNT"]))
+with open("inbox") as inbox:
+    for line in inbox:
+        m = json.loads(line)
+        if m["from"] == "user":
+            to, body = "echo", m["body"]
+        else:
+            to, body = "user", {"asker": host, **m["body"]}
+        with open(f"../{to}/inbox", "w") as f:
+            f.write(json.dumps({"body": body}) + "\\n")
 """
 
 
@@ -42,14 +59,19 @@ class Hosts:
         self.host_timeout = host_timeout
         self.mounts: dict[str, Server] = {}
         (root / "echo.py").write_text(ECHO)
+        (root / "asker.py").write_text(ASKER)
+        self.echo_hosts = ["h1", "h2"]
+        self.servers = cluster.urls
+        self.extra = ""
 
-    def config(self, agents: str = "") -> str:
-        servers = json.dumps(self.cluster.urls)
+    def config(self) -> str:
         return (
-            f'[cluster]\nservers = {servers}\nstream = "outheis"\nreplicas = 3\n'
-            f"host_timeout = {self.host_timeout}\n\n[agents.echo]\n"
-            f'command = ["python3", "{self.root / "echo.py"}", "x"]\n'
-            f'host = ["h1", "h2"]\nsend = ["*"]\n\n[agents.worker]\n' + agents
+            f'[cluster]\nservers = {json.dumps(self.servers)}\nstream = "outheis"\n'
+            f"replicas = 3\nhost_timeout = {self.host_timeout}\n{self.extra}\n"
+            f'[agents.echo]\ncommand = ["python3", "{self.root / "echo.py"}"]\n'
+            f"host = {json.dumps(self.echo_hosts)}\n\n"
+            f'[agents.asker]\ncommand = ["python3", "{self.root / "asker.py"}"]\n'
+            'host = "h1"\nsend = ["*"]\n\n[agents.worker]\n'
         )
 
     def mount(self, name: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -142,7 +164,7 @@ def test_the_agent_runs_on_its_first_host_and_fails_over(hosts: Hosts) -> None:
     assert h2.status("echo")["state"] == "stopped"
     assert h1.status("echo")["host"] == "h1" and h2.status("echo")["host"] == "h1"
     h2.send("echo", "one")
-    assert read_one(h2, "user")["body"]["echo"] == "one"
+    assert read_one(h2, "user")["body"] == {"echo": "one", "host": "h1"}
     # h1 killed: after host_timeout its agent runs on h2; a message sent meanwhile
     # is delivered there, nothing lost.
     echo_pid = int(h1.status("echo")["pid"])
@@ -151,7 +173,7 @@ def test_the_agent_runs_on_its_first_host_and_fails_over(hosts: Hosts) -> None:
     h2.send("echo", "two")
     wait_for(lambda: h2.status("echo")["state"] == "running", timeout=20)
     assert h2.status("echo")["host"] == "h2"
-    assert read_one(h2, "user")["body"]["echo"] == "two"
+    assert read_one(h2, "user")["body"] == {"echo": "two", "host": "h2"}
     gone = [e for e in log_of(h2) if e["type"] == "host-gone"]
     assert [e["host"] for e in gone] == ["h1"]
     # h1 mounted again (once its lease lapsed) does not take the agent back
@@ -171,3 +193,37 @@ def test_a_mount_that_reaches_no_server_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "cannot reach the NATS servers" in r.stderr
     assert not os.path.ismount(tmp_path / "mp")
+
+
+def test_a_pipeline_across_three_hosts_and_replay_equals_the_live_state(hosts: Hosts) -> None:
+    """asker runs on h1, echo on h2, the operator reads on h3."""
+    hosts.echo_hosts = ["h2"]
+    for name in ("h1", "h2", "h3"):
+        hosts.mount(name)
+    h1, h2, h3 = (hosts.mounts[n] for n in ("h1", "h2", "h3"))
+    for s in (h1, h2, h3):  # every tree shows every agent with its host
+        wait_for(lambda s=s: "echo running" in s.p("ctl").read_text() or s is not h2, 10)
+        rows = {line.split()[0]: line.split() for line in s.p("ctl").read_text().splitlines()}
+        assert rows["asker"][5] == "h1" and rows["echo"][5] == "h2" and rows["worker"][5] == "-"
+    r = sh(f"echo question > {h3.agent('asker', 'inbox')} && head -n1 {h3.agent('user', 'inbox')}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["body"] == {"asker": "h1", "echo": "question", "host": "h2"}
+    for s in (h1, h2):
+        s.send("worker", f"left for later from {s.root.name}")
+    wait_for(lambda: log_of(h1) == log_of(h2) == log_of(h3), timeout=10)
+    r = outheisfs("replay", "--config", str(h3.config), "--json")
+    assert r.returncode == 0, r.stderr
+    state = json.loads(r.stdout)
+    assert state["seq"] == log_of(h3)[-1]["seq"]
+    for name in ("asker", "echo", "user", "worker"):
+        live = h3.status(name)
+        got = state["agents"][name]
+        assert (len(got["queued"]), len(got["inflight"]), got["delivered"]) == (
+            int(live["queued"]),
+            int(live["inflight"]),
+            int(live["delivered"]),
+        ), name
+    assert sorted(m["body"] for m in state["agents"]["worker"]["queued"]) == [
+        "left for later from h1",
+        "left for later from h2",
+    ]
