@@ -7,10 +7,13 @@ processes, as users and agents do.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,17 @@ import pytest
 
 from outheisfs.cluster.local import LocalCluster
 
-from .conftest import Server, _alive, outheisfs, read_one, sh, wait_for
+from .cluster_helpers import ThreadProxy
+from .conftest import (
+    Server,
+    _alive,
+    outheisfs,
+    read_nonblock,
+    read_one,
+    sh,
+    take,
+    wait_for,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -227,3 +240,131 @@ def test_a_pipeline_across_three_hosts_and_replay_equals_the_live_state(hosts: H
         "left for later from h1",
         "left for later from h2",
     ]
+
+
+WRITER = """\
+import sys, time
+inbox, tag, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+end, i = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    body = f"{tag}-{i}"
+    try:
+        with open(inbox, "w") as f:
+            f.write(body + "\\n")
+        print("ok", body, flush=True)
+    except OSError as e:
+        print("fail", body, e.errno, flush=True)
+    i += 1
+"""
+
+
+def test_a_nats_server_killed_mid_traffic_loses_and_doubles_nothing(hosts: Hosts) -> None:
+    """Four writers on two hosts; a NATS server SIGKILLed and started again."""
+    hosts.mount("h1")
+    hosts.mount("h2")
+    h1, h2 = hosts.mounts["h1"], hosts.mounts["h2"]
+    script = hosts.root / "writer.py"
+    script.write_text(WRITER)
+    writers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                str(s.agent("worker", "inbox")),
+                f"{s.root.name}w{i}",
+                "8",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for s in (h1, h2)
+        for i in range(2)
+    ]
+    time.sleep(2)  # traffic first: the kill falls in the middle of it
+    leader = hosts.cluster.leader()
+    assert leader is not None
+    victim = int(leader.removeprefix("n")) - 1  # the JetStream meta leader
+    hosts.cluster.kill(victim)
+    time.sleep(2)
+    hosts.cluster.start(victim)
+    ok: set[str] = set()
+    failed: set[str] = set()
+    for w in writers:
+        out, _ = w.communicate(timeout=60)
+        assert w.returncode == 0
+        for line in out.splitlines():
+            word, body = line.split()[:2]
+            (ok if word == "ok" else failed).add(body)
+    assert len(ok) > 20
+    got = [m["body"] for m in take(h2, "worker", len(ok), timeout=30)]
+    extra = read_nonblock(h1, "worker")
+    while extra is not None:  # only writes that failed may be stored as well
+        got.append(json.loads(extra)["body"])
+        extra = read_nonblock(h1, "worker")
+    lost = ok - set(got)
+    doubled = len(got) - len(set(got))
+    invented = set(got) - ok - failed
+    assert (lost, doubled, invented) == (set(), 0, set())
+    print(f"acknowledged {len(ok)}, failed {len(failed)}: 0 lost, 0 doubled, 0 invented")
+
+
+def test_the_engine_out_of_reach_writes_block_then_fail_and_the_host_catches_up(
+    hosts: Hosts,
+) -> None:
+    proxies = [ThreadProxy(s.client) for s in hosts.cluster.servers]
+    for p in proxies:
+        p.start()
+    hosts.host_timeout = 10.0  # longer than the cut: h1 keeps its name
+    hosts.extra = "write_timeout = 3.0"
+    hosts.servers = [p.url for p in proxies]
+    try:
+        hosts.mount("h1")
+        hosts.servers = hosts.cluster.urls
+        hosts.mount("h2")
+        h1, h2 = hosts.mounts["h1"], hosts.mounts["h2"]
+        h1.send("worker", "before")
+        for p in proxies:
+            p.stop()
+
+        written = maybe = 0  # non-blocking writes before the cut was seen: stored, failed
+
+        def eagain() -> bool:
+            nonlocal written, maybe
+            fd = os.open(h1.agent("worker", "inbox"), os.O_WRONLY | os.O_NONBLOCK)
+            try:
+                os.write(fd, b"not now\n")
+                written += 1
+                return False
+            except BlockingIOError:
+                return True
+            except OSError as e:  # sent before the cut was seen: EIO after the limit
+                assert e.errno == errno.EIO
+                maybe += 1
+                return False
+            finally:
+                os.close(fd)
+
+        wait_for(eagain, timeout=10, interval=0.1)
+        fd = os.open(h1.agent("worker", "inbox"), os.O_WRONLY)
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as err:
+            os.write(fd, b"in vain\n")
+        waited = time.monotonic() - t0
+        os.close(fd)
+        assert err.value.errno == errno.EIO and 2.5 < waited < 20
+        h2.send("worker", "while away")
+        log1 = h1.p("log").read_text()  # reads keep serving what is known
+        assert "before" in log1 and "while away" not in log1
+        for p in proxies:
+            p.start()
+        wait_for(lambda: "while away" in h1.p("log").read_text(), timeout=20, interval=0.1)
+        h1.send("worker", "after")
+        got = [json.loads(m)["body"] for m in iter(lambda: read_nonblock(h2, "worker"), None)]
+        assert written <= got.count("not now") <= written + maybe
+        got = [b for b in got if b != "not now"]
+        assert sorted(set(got)) == sorted(got)  # none twice
+        assert {"before", "while away", "after"} <= set(got)
+        assert set(got) <= {"before", "while away", "after", "in vain"}
+    finally:
+        for p in proxies:
+            p.stop()
