@@ -74,6 +74,7 @@ class ClusterLog(EventLog):
         self._last: dict[Any, Ticket] = {}  # trio task -> the last ticket it appended
         self._rejected: set[int] = set()
         self._rejected_order: deque[int] = deque()
+        self.publishing = 0  # appends not yet stored and applied
 
     # -- publishing ------------------------------------------------------------------
 
@@ -97,20 +98,26 @@ class ClusterLog(EventLog):
         ticket = Ticket(out, "deliver" in kinds)
         if not kinds <= NOTES:  # reports are not waited on
             self._last[trio.lowlevel.current_task()] = ticket
+        self.publishing += 1
         self.nursery.start_soon(self._publish, ticket)
         return []
 
     async def _publish(self, ticket: Ticket) -> None:
         try:
             ticket.seqs = await self.engine.publish(ticket.batch)
+            await self.wait_applied(max(ticket.seqs))
+            ticket.lost = ticket.delivers and any(s in self._rejected for s in ticket.seqs)
         except EngineError as e:
             ticket.error = str(e)
             log.error("%s", e)
+        finally:
+            self.publishing -= 1
             ticket.done.set()
-            return
-        await self.wait_applied(max(ticket.seqs))
-        ticket.lost = ticket.delivers and any(s in self._rejected for s in ticket.seqs)
-        ticket.done.set()
+
+    async def drain(self) -> None:
+        """Wait until everything appended so far is stored and applied (or failed)."""
+        while self.publishing:
+            await trio.sleep(0.01)
 
     @property
     def away(self) -> bool:
@@ -320,6 +327,7 @@ async def _joined(
                     yield node
                 finally:
                     with trio.move_on_after(5, shield=True):
+                        await clog.drain()  # the last acks before the host goes
                         d.record([events.umount(str(mountpoint))])
                         await clog.settled()
                     hosts.stop()

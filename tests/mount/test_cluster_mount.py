@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -36,14 +35,20 @@ from .conftest import (
 
 pytestmark = pytest.mark.cluster
 
-# Echoes each message with the name of the host it runs on (its mount's folder).
+# Echoes each message with the name of the host it runs on (its mount's folder);
+# on h1, "hold" is held in flight for ever.
 ECHO = """\
-import json, os
+import json, os, time
 host = os.path.basename(os.path.dirname(os.environ["OUTHEIS_MOUNT"]))
 with open("inbox") as inbox, open("outbox", "w") as out:
     for line in inbox:
         m = json.loads(line)
-        out.write(json.dumps({"body": {"echo": m["body"], "host": host}}) + "\\n")
+        while m["body"] == "hold" and host == "h1":
+            time.sleep(60)
+        echo = {"echo": m["body"], "host": host}
+        if m["attempt"] > 1:
+            echo["attempt"] = m["attempt"]
+        out.write(json.dumps({"body": echo}) + "\\n")
         out.flush()
 """
 
@@ -66,7 +71,7 @@ with open("inbox") as inbox:
 class Hosts:
     """Mounts on one LocalCluster; each with its own folder."""
 
-    def __init__(self, root: Path, cluster: LocalCluster, host_timeout: float = 3.0) -> None:
+    def __init__(self, root: Path, cluster: LocalCluster, host_timeout: float = 5.0) -> None:
         self.root = root
         self.cluster = cluster
         self.host_timeout = host_timeout
@@ -178,14 +183,17 @@ def test_the_agent_runs_on_its_first_host_and_fails_over(hosts: Hosts) -> None:
     assert h1.status("echo")["host"] == "h1" and h2.status("echo")["host"] == "h1"
     h2.send("echo", "one")
     assert read_one(h2, "user")["body"] == {"echo": "one", "host": "h1"}
-    # h1 killed: after host_timeout its agent runs on h2; a message sent meanwhile
-    # is delivered there, nothing lost.
+    # h1 killed while its agent holds a message: after host_timeout its agent runs
+    # on h2 and gets the message again (attempt 2); one sent meanwhile follows.
+    h2.send("echo", "hold")
+    wait_for(lambda: h2.status("echo")["inflight"] == "1", timeout=10)
     echo_pid = int(h1.status("echo")["pid"])
     h1.kill9()
-    os.kill(echo_pid, signal.SIGKILL) if _alive(echo_pid) else None
+    wait_for(lambda: not _alive(echo_pid), timeout=10)  # it dies with its server
     h2.send("echo", "two")
     wait_for(lambda: h2.status("echo")["state"] == "running", timeout=20)
     assert h2.status("echo")["host"] == "h2"
+    assert read_one(h2, "user")["body"] == {"echo": "hold", "host": "h2", "attempt": 2}
     assert read_one(h2, "user")["body"] == {"echo": "two", "host": "h2"}
     gone = [e for e in log_of(h2) if e["type"] == "host-gone"]
     assert [e["host"] for e in gone] == ["h1"]
