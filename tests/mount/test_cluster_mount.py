@@ -376,3 +376,12 @@ def test_the_engine_out_of_reach_writes_block_then_fail_and_the_host_catches_up(
     finally:
         for p in proxies:
             p.stop()
+
+
+def test_the_example_runs_a_pipeline_and_a_failover_and_cleans_up() -> None:
+    demo = Path(__file__).parents[2] / "examples" / "cluster" / "demo.py"
+    r = subprocess.run([sys.executable, str(demo)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '"echo":"hello","host":"h1"' in r.stdout
+    assert '"echo":"are you there","host":"h2"' in r.stdout
+    assert "cleaned up" in r.stdout
