@@ -230,6 +230,9 @@ class Commands:
         if cmd.name in SUPERVISOR:
             if self.supervisor is None or not self.supervisor.supervises(name):
                 raise BadInput(f"agent {name!r} has no command to supervise")
+            placed = self.supervisor.placed  # in a cluster: this host runs it, or another
+            if placed is not None and not placed(name):
+                raise BadInput(f"agent {name!r} runs on another host (see its ctl's host)")
         elif cmd.name == "bind" and name == OPERATOR:
             raise BadInput("bind: 'user' is the operator, not an agent to run as")
         elif cmd.name == "unveil" and name == OPERATOR:

@@ -22,7 +22,7 @@ from pathlib import Path
 from outheisfs.cluster.local import LocalCluster
 
 HERE = Path(__file__).resolve().parent
-HOST_TIMEOUT = 3.0
+HOST_TIMEOUT = 5.0
 
 
 def outheisfs(*args: str) -> subprocess.CompletedProcess[str]:

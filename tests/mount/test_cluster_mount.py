@@ -181,6 +181,9 @@ def test_the_agent_runs_on_its_first_host_and_fails_over(hosts: Hosts) -> None:
     wait_for(lambda: h1.status("echo")["state"] == "running", timeout=10)
     assert h2.status("echo")["state"] == "stopped"
     assert h1.status("echo")["host"] == "h1" and h2.status("echo")["host"] == "h1"
+    r = sh(f"echo start > {h2.agent('echo', 'ctl')}")  # one runner: not a second on h2
+    assert r.returncode != 0 and "Invalid argument" in r.stderr
+    assert h2.status("echo")["state"] == "stopped"
     h2.send("echo", "one")
     assert read_one(h2, "user")["body"] == {"echo": "one", "host": "h1"}
     # h1 killed while its agent holds a message: after host_timeout its agent runs
