@@ -30,7 +30,7 @@ from nats.js import JetStreamContext, api
 
 STREAM = "outheisbench"
 SUBJECT = f"{STREAM}.events"
-LABEL = "direct nats-py (reference; the outheisfs rows come with the cluster mode)"
+LABEL = "direct nats-py (reference; the outheisfs rows are not measured here yet)"
 
 
 @dataclass
