@@ -93,7 +93,9 @@ class ClusterLog(EventLog):
                 full.setdefault("host", self.host)  # who did it (host-gone: who went)
             mid = full["id"] if kind == "message" else new_id()
             out.append((mid, dumps(full).encode()))
-        if not out:
+        if not out or kinds == {"umount"}:
+            # A host's `umount` is published by `joined` itself, last: after the
+            # acks of its closing readers are stored, so that they count.
             return []
         ticket = Ticket(out, "deliver" in kinds)
         if not kinds <= NOTES:  # reports are not waited on
@@ -113,6 +115,15 @@ class ClusterLog(EventLog):
         finally:
             self.publishing -= 1
             ticket.done.set()
+
+    async def last(self, ev: Event) -> None:
+        """Publish `ev` once everything appended before is stored and applied (a
+        host's `umount`, after the acks of its closing readers), and wait for it."""
+        await self.drain()
+        full: Event = {"ts": now()[1], **ev, "host": self.host}
+        ticket = Ticket([(new_id(), dumps(full).encode())], False)
+        self.publishing += 1
+        await self._publish(ticket)
 
     async def drain(self) -> None:
         """Wait until everything appended so far is stored and applied (or failed)."""
@@ -327,9 +338,7 @@ async def _joined(
                     yield node
                 finally:
                     with trio.move_on_after(5, shield=True):
-                        await clog.drain()  # the last acks before the host goes
-                        d.record([events.umount(str(mountpoint))])
-                        await clog.settled()
+                        await clog.last(events.umount(str(mountpoint)))
                     hosts.stop()
                     nursery.cancel_scope.cancel()
         finally:

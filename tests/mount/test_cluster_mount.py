@@ -388,3 +388,21 @@ def test_the_example_runs_a_pipeline_and_a_failover_and_cleans_up() -> None:
     assert '"echo":"hello","host":"h1"' in r.stdout
     assert '"echo":"are you there","host":"h2"' in r.stdout
     assert "cleaned up" in r.stdout
+
+
+def test_a_host_that_stops_cleanly_hands_its_agents_over_at_once(hosts: Hosts) -> None:
+    hosts.host_timeout = 60.0  # no heartbeat timeout could explain the move
+    hosts.mount("h1")
+    hosts.mount("h2")
+    h1, h2 = hosts.mounts["h1"], hosts.mounts["h2"]
+    wait_for(lambda: h1.status("echo")["state"] == "running", timeout=10)
+    assert h1.umount().returncode == 0
+    wait_for(lambda: h2.status("echo")["state"] == "running", timeout=15)
+    assert h2.status("echo")["host"] == "h2"
+    h2.send("echo", "still here")
+    assert read_one(h2, "user")["body"] == {"echo": "still here", "host": "h2"}
+    umounts = [e for e in log_of(h2) if e["type"] == "umount"]
+    assert [e["host"] for e in umounts] == ["h1"]
+    assert not [e for e in log_of(h2) if e["type"] == "host-gone"]
+    # its name is free at once
+    assert hosts.mount("h1", check=False).returncode == 0
