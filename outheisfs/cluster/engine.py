@@ -252,8 +252,26 @@ class Engine:
     # -- reading ---------------------------------------------------------------------------
 
     async def last_seq(self) -> int:
+        """The stream's last seq; retried while the servers elect a leader (no
+        responders, timeouts), up to `publish_timeout`."""
+
         async def info() -> int:
-            return (await self.js.stream_info(self.stream)).state.last_seq
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.publish_timeout
+            while True:
+                try:
+                    return (await self.js.stream_info(self.stream)).state.last_seq
+                except (
+                    nats.errors.NoRespondersError,
+                    nats.errors.TimeoutError,
+                    nats.js.errors.ServiceUnavailableError,
+                ):
+                    if loop.time() > deadline:
+                        raise EngineUnavailable(
+                            f"stream {self.stream!r}: JetStream did not answer within "
+                            f"{self.publish_timeout:g} s"
+                        ) from None
+                    await asyncio.sleep(0.2)
 
         return await self.bridge.call(info)
 
