@@ -283,7 +283,7 @@ def test_a_nats_server_killed_mid_traffic_loses_and_doubles_nothing(hosts: Hosts
                 str(script),
                 str(s.agent("worker", "inbox")),
                 f"{s.root.name}w{i}",
-                "8",
+                "6",
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -291,7 +291,7 @@ def test_a_nats_server_killed_mid_traffic_loses_and_doubles_nothing(hosts: Hosts
         for s in (h1, h2)
         for i in range(2)
     ]
-    time.sleep(2)  # traffic first: the kill falls in the middle of it
+    time.sleep(1.5)  # traffic first: the kill falls in the middle of it
     leader = hosts.cluster.leader()
     assert leader is not None
     victim = int(leader.removeprefix("n")) - 1  # the JetStream meta leader
@@ -406,3 +406,23 @@ def test_a_host_that_stops_cleanly_hands_its_agents_over_at_once(hosts: Hosts) -
     assert not [e for e in log_of(h2) if e["type"] == "host-gone"]
     # its name is free at once
     assert hosts.mount("h1", check=False).returncode == 0
+
+
+def test_outheisfs_run_binds_on_its_host(hosts: Hosts) -> None:
+    hosts.mount("h1")
+    hosts.mount("h2")
+    h1, h2 = hosts.mounts["h1"], hosts.mounts["h2"]
+    h1.send("worker", "for a bound process on h2")
+    inbox = h2.agent("worker", "inbox")
+    r = subprocess.run(
+        [sys.executable, "-m", "outheisfs", "run", "worker", "--mount", str(h2.mp), "--",
+         "head", "-n1", str(inbox)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["body"] == "for a bound process on h2"
+    wait_for(lambda: log_of(h1) == log_of(h2), timeout=10)
+    (deliver,) = [e for e in log_of(h1) if e["type"] == "deliver"]
+    assert deliver["agent"] == "worker" and deliver["host"] == "h2"
+    binds = [e for e in log_of(h1) if e["type"] == "ctl" and e["command"].startswith("bind")]
+    assert [(e["agent"], e["host"]) for e in binds] == [("worker", "h2")]
