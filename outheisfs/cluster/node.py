@@ -75,6 +75,7 @@ class ClusterLog(EventLog):
         self._rejected: set[int] = set()
         self._rejected_order: deque[int] = deque()
         self.publishing = 0  # appends not yet stored and applied
+        self._last_ts = "1970-01-01T00:00:00.000000Z"  # of the last event taken in
 
     # -- publishing ------------------------------------------------------------------
 
@@ -112,6 +113,9 @@ class ClusterLog(EventLog):
         except EngineError as e:
             ticket.error = str(e)
             log.error("%s", e)
+        except Exception as e:  # never the end of the mount: this write fails, EIO
+            log.exception("publish failed")
+            ticket.error = f"the event log's engine failed: {type(e).__name__}: {e}"
         finally:
             self.publishing -= 1
             ticket.done.set()
@@ -175,13 +179,17 @@ class ClusterLog(EventLog):
         ev: Event = {"seq": stored.seq}
         try:
             data = json.loads(stored.data)
-            if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+            if not isinstance(data, dict) or not all(
+                isinstance(data.get(k), str) for k in ("type", "ts")
+            ):
                 raise ValueError("not an event")
             data.pop("seq", None)
             ev.update(data)
         except ValueError:
-            ev.update(events.error("/log", errno.EIO, "an unreadable event in the stream"))
-            ev = {"seq": stored.seq, "ts": now()[1], **{k: v for k, v in ev.items() if k != "seq"}}
+            # The same on every host: the time of the event before it.
+            why = events.error("/log", errno.EIO, "an unreadable event in the stream")
+            ev = {"seq": stored.seq, "ts": self._last_ts, **why}
+        self._last_ts = ev["ts"]
         raw = encode(ev)
         self._write_all(raw)  # the cache: the same seq as the stream
         self._stream_write(_streams(ev), raw)
@@ -189,7 +197,7 @@ class ClusterLog(EventLog):
         self.mtime_ns = time.time_ns()
         try:
             ok = self.order.apply(self.d, ev)
-        except (KeyError, ValueError, TypeError) as e:  # a hand-made event: passed over
+        except Exception as e:  # an event no host could have made: passed over, alike
             log.error("event %d not applied: %s", stored.seq, e)
             ok = False
         if not ok:
@@ -354,7 +362,11 @@ async def _catch_up(
     """Replay the cache, then follow the stream up to its end as of now."""
 
     def apply(ev: Event) -> None:
-        clog.order.apply(d, ev)
+        clog._last_ts = ev["ts"]
+        try:
+            clog.order.apply(d, ev)
+        except Exception as e:  # passed over when it came, passed over again
+            log.error("event %d not applied: %s", ev["seq"], e)
 
     try:
         clog.open(apply, progress=progress)

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from outheisfs.cluster.engine import ConnectOptions, open_engine
 from outheisfs.cluster.local import LocalCluster
 
 from .cluster_helpers import ThreadProxy
@@ -426,3 +428,25 @@ def test_outheisfs_run_binds_on_its_host(hosts: Hosts) -> None:
     assert deliver["agent"] == "worker" and deliver["host"] == "h2"
     binds = [e for e in log_of(h1) if e["type"] == "ctl" and e["command"].startswith("bind")]
     assert [(e["agent"], e["host"]) for e in binds] == [("worker", "h2")]
+
+
+def test_an_unreadable_event_in_the_stream_is_an_error_event_and_nothing_stops(
+    hosts: Hosts,
+) -> None:
+    hosts.mount("h1")
+    hosts.mount("h2")
+    h1, h2 = hosts.mounts["h1"], hosts.mounts["h2"]
+
+    async def publish_garbage() -> None:
+        async with open_engine(ConnectOptions(hosts.cluster.urls), "outheis", 3) as e:
+            await e.publish([("garbage-1", b"not json"), ("garbage-2", b'{"type":"x"}')])
+
+    trio.run(publish_garbage)
+    h1.send("worker", "after the garbage")
+    assert read_one(h2, "worker")["body"] == "after the garbage"
+    wait_for(lambda: log_of(h1) == log_of(h2), timeout=10)
+    errors = [e for e in log_of(h1) if e["type"] == "error" and "unreadable" in e["why"]]
+    assert len(errors) == 2
+    assert h1.umount().returncode == 0  # and the cache replays at the next start
+    assert hosts.mount("h1", check=False).returncode == 0
+    assert log_of(h1)[: len(log_of(h2))] == log_of(h2)
