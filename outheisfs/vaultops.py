@@ -118,7 +118,10 @@ class VaultOps:
         return self.rights.granted_below(who, where(path))
 
     def record(self, who: str, op: str, path: str, **more: str) -> None:
-        self.d.note(events.vault(who, op, where(path), **more))
+        """A change in the vault as a `vault` event, unless `vault_events = "off"`
+        (refusals are `denied` events whatever it says)."""
+        if self.d.config.vault_events == "all":
+            self.d.note(events.vault(who, op, where(path), **more))
 
     def mask(self, who: str, path: str, st: os.stat_result) -> int:
         """The mode bits shown to `who`: what it may do. A folder it sees can be
