@@ -297,6 +297,13 @@ class OpenFiles:
 
     async def _flush(self, h: Handle) -> None:
         st = self._opener_stat(h)
+        if h.lines.partial and st is not None and not st.exiting:
+            if await self._opener_holds(h):
+                # A copy was closed while the opener still has the file open for
+                # writing: bash's `printf ... >&3` closes a dup of fd 3, a child
+                # that inherited the file exits. The line may go on; it waits.
+                return
+            st = self._opener_stat(h)  # it may have begun to exit while counted
         if st is not None and st.exiting:
             # The opener is exiting: its status is final and tells how [FUSE notes].
             code = st.exit_code
@@ -307,11 +314,6 @@ class OpenFiles:
             if h.lines.partial and procinfo.killed_by_signal(code):
                 h.lines.reset()
                 h.dropped = True
-        elif h.lines.partial and st is not None and await self._opener_holds(h):
-            # A copy was closed while the opener still has the file open for
-            # writing: bash's `printf ... >&3` closes a dup of fd 3, a child that
-            # inherited the file exits. The line may go on; it waits.
-            return
         if h.lines.partial:
             rest = h.lines.take_rest()
             try:
