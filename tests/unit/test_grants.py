@@ -340,3 +340,27 @@ def test_access_answers_from_the_merged_view(d: Dispatcher) -> None:
         assert access.granted_below("planner", "/vault/notes")
     finally:
         procs.close()
+
+
+async def test_a_file_opened_before_a_revoke_keeps_its_attributes(env: OpsEnv) -> None:
+    """The kernel asks for the attributes of a file it reads: the holder still gets them."""
+    act_as(env, "notes")
+    await env.write("agents/notes/ctl", b"grant planner /vault/notes/plans r\n")
+    act_as(env, "planner")
+    week = await env.ino("vault/notes/plans/week.md")
+    folder = await env.ino("vault/notes/plans")
+    fh = (await env.ops.open(week, os.O_RDONLY, env.ctx)).fh
+    act_as(env, "notes")
+    await env.write("agents/notes/ctl", b"revoke planner /vault/notes/plans\n")
+    act_as(env, "planner")
+    try:
+        attr = await env.ops.getattr(week, env.ctx)
+        assert attr.st_size == len("plan\n") and attr.st_mode & 0o222 == 0
+        assert await env.ops.read(fh, 0, 100) == b"plan\n"
+        assert await errno_of(env.ops.getattr(folder, env.ctx)) == errno.ENOENT
+        act_as(env, "other")  # another agent gets nothing from planner's open file
+        assert await errno_of(env.ops.getattr(week, env.ctx)) == errno.ENOENT
+    finally:
+        await env.ops.release(fh)
+    act_as(env, "planner")
+    assert await errno_of(env.ops.getattr(week, env.ctx)) == errno.ENOENT
