@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PY, Server, outheisfs, sh, wait_for
+from .conftest import PY, Server, outheisfs, sh, take, wait_for
 
 CONFIG = """
 [agents.notes]
@@ -327,3 +328,57 @@ def test_an_open_folder_listing_follows_the_revoke(vault: Server, tmp_path: Path
         for f in (p.stdin, p.stdout):
             if f is not None:
                 f.close()
+
+
+# -- the example: an owner that grants on request -------------------------------------------
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "owners"
+
+
+def test_the_owners_example_grants_one_folder_on_request_and_takes_it_back(
+    server: Server,
+) -> None:
+    if shutil.which("jq") is None:
+        pytest.fail("jq is needed")
+    server.config = EXAMPLE / "outheis.toml"
+    server.mount()
+    wait_for(lambda: server.p("vault", "notes", "private", "diary.md").exists(), timeout=20)
+
+    def planner_sees() -> str:
+        r = outheisfs("run", "planner", "--mount", str(server.mp), "--", "ls", "vault/notes",
+                      cwd=server.mp)  # fmt: skip
+        return r.stdout + r.stderr
+
+    assert "No such file" in planner_sees()
+    server.send("planner", json.dumps({"body": {"plan": "projects"}}))
+    (summary,) = take(server, "user", 1, timeout=30)
+    assert summary["from"] == "planner"
+    assert summary["body"] == {
+        "plan": "projects",
+        "files": [
+            {"name": "budget.md", "title": "# Budget", "lines": 2},
+            {"name": "launch.md", "title": "# Launch", "lines": 3},
+        ],
+        "lines": 5,
+    }
+    # Granted by the owner for the request, and handed back after it.
+    (grant,) = server.events("grant")
+    assert (grant["agent"], grant["to"], grant["path"]) == (
+        "notes",
+        "planner",
+        "/vault/notes/projects",
+    )
+    wait_for(lambda: server.events("revoke"), timeout=10)
+    assert "No such file" in planner_sees()
+    assert grant_lines(server, "notes") == [] and grant_lines(server, "planner") == []
+    # A folder the owner does not share: refused, with the reason, nothing granted.
+    server.send("planner", json.dumps({"body": {"plan": "private"}}))
+    (refused,) = take(server, "user", 1, timeout=30)
+    assert refused["body"] == {
+        "refused": "/vault/notes/private",
+        "why": "notes does not share private",
+    }
+    assert len(server.events("grant")) == 1
+    # The planner never wrote anything in the domain; only the owner did.
+    writers = {e["who"] for e in server.events("vault")}
+    assert writers == {"notes"}
