@@ -287,7 +287,7 @@ class Commands:
             self.table.of(name).bound.add(pid)
             return
         if cmd.name in grants.COMMANDS:  # the command and the change it makes, logged together
-            change = grants.event(name, who, cmd.name, cmd.args)
+            change = grants.event(self.d, who, name, cmd.name, cmd.args)
             self.d.record([events.ctl(name, who, str(cmd)), change])
             return
         self.d.record([events.ctl(name, who, str(cmd))])

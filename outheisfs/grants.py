@@ -115,12 +115,12 @@ def domains(config: Any, owner: str) -> list[str]:
     return [f"/vault/{dom}" for dom, o in config.vault.items() if o == owner]
 
 
-def check(d: Dispatcher, who: str, owner: str, name: str, args: tuple[str, ...]) -> None:
+def check(d: Dispatcher, who: str, ctl_of: str, name: str, args: tuple[str, ...]) -> None:
     """Refuse `grant AGENT PATH PERMS` or `revoke AGENT PATH` written by `who` to
-    OWNER's ctl, unless it is allowed. EINVAL for a malformed one, EPERM for one
+    CTL_OF's ctl, unless it is allowed. EINVAL for a malformed one, EPERM for one
     the writer may not give, ENOENT for an unknown agent or (revoke) grant."""
-    if who not in (owner, OPERATOR):
-        raise NotPermitted(f"{name}: only {owner} (for its own domain) and the operator")
+    if who not in (ctl_of, OPERATOR):
+        raise NotPermitted(f"{name}: only {ctl_of} (for its own domain) and the operator")
     grantee, path = args[0], args[1]
     if not path.startswith("/") or "/../" in path + "/" or "/./" in path + "/":
         raise BadInput(f"{name}: {path!r} is not an absolute path in the mount")
@@ -135,7 +135,12 @@ def check(d: Dispatcher, who: str, owner: str, name: str, args: tuple[str, ...])
             )
     if grantee not in d.agents:
         raise NotFound(f"{name}: no agent {grantee!r}")
-    if owner_of(d.config, path) != owner:
+    owner = giver(d, who, ctl_of, name, grantee, path)
+    if owner is None:  # the operator, for a path in no domain
+        raise NotPermitted(
+            f"{name}: {path} is in no vault domain (the operator's `unveil` gives any path)"
+        )
+    if owner_of(d.config, path) != owner and not (name == "revoke" and who == OPERATOR):
         mine = domains(d.config, owner)
         where = f"its domain is {', '.join(mine)}" if mine else "it owns no vault domain"
         raise NotPermitted(f"{name}: {path} is outside the domain of {owner} ({where})")
@@ -149,11 +154,27 @@ def check(d: Dispatcher, who: str, owner: str, name: str, args: tuple[str, ...])
         raise BadInput(f"grant: {owner} owns {path} already")
 
 
-def event(owner: str, who: str, name: str, args: tuple[str, ...]) -> Event:
-    """The event of a checked `grant` or `revoke` command written to OWNER's ctl."""
+def giver(d: Dispatcher, who: str, ctl_of: str, name: str, grantee: str, path: str) -> str | None:
+    """Who gives (or takes back) a grant written by `who` to CTL_OF's ctl: an agent
+    gives from its own domains only; the operator acts for the owner of PATH's domain,
+    whichever ctl it writes to, and takes back a grant whoever gave it."""
+    if who != OPERATOR:
+        return ctl_of
+    if name == "revoke":
+        given: str | None = d.granted.get(grantee, {}).get(path)
+        if given is not None:
+            return given
+    return owner_of(d.config, path)
+
+
+def event(d: Dispatcher, who: str, ctl_of: str, name: str, args: tuple[str, ...]) -> Event:
+    """The event of a checked `grant` or `revoke` command written to CTL_OF's ctl."""
+    grantee, path = args[0], normalize(args[1])
+    owner = giver(d, who, ctl_of, name, grantee, path)
+    assert owner is not None  # checked
     if name == "grant":
-        return events.grant(owner, who, args[0], normalize(args[1]), args[2])
-    return events.revoke(owner, who, args[0], normalize(args[1]))
+        return events.grant(owner, who, grantee, path, args[2])
+    return events.revoke(owner, who, grantee, path)
 
 
 # -- what ctl shows ----------------------------------------------------------------------

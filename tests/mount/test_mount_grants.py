@@ -282,7 +282,7 @@ def test_refused_grants_have_an_errno_and_a_reason_in_the_granters_errors(
     assert vault.events("grant") == [] and "No such file" in planner.do("ls vault/notes")
 
 
-def test_the_operator_grants_from_the_owners_ctl_and_its_own_domain(vault: Server) -> None:
+def test_the_operator_grants_for_the_owner_and_from_its_own_domain(vault: Server) -> None:
     vault.umount()
     vault.write_config(CONFIG + 'shared = "user"\n')
     vault.mount()
@@ -292,8 +292,16 @@ def test_the_operator_grants_from_the_owners_ctl_and_its_own_domain(vault: Serve
                   cwd=vault.mp)  # fmt: skip
     assert r.stdout.split() == ["archive", "notes", "shared"]
     assert grant_lines(vault, "user") == ["granted other /vault/shared r"]
-    refused = ctl(vault, "user", "grant other /vault/notes r")
+    # Written anywhere, the operator's grant is given for the domain's owner.
+    assert ctl(vault, "other", "grant planner /vault/notes/plans r").returncode == 0
+    assert grant_lines(vault, "notes") == [
+        "granted other /vault/notes/diary r",
+        "granted planner /vault/notes/plans r",
+    ]
+    refused = ctl(vault, "user", "grant other /vault r")
     assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+    why = json.loads(vault.agent("user", "errors").read_text().splitlines()[-1])["why"]
+    assert why == "grant: /vault is in no vault domain (the operator's `unveil` gives any path)"
 
 
 def test_an_open_folder_listing_follows_the_revoke(vault: Server, tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ def command(d: Dispatcher, who: str, owner: str, line: str) -> None:
     """Check and carry out one ctl line the way `ctl.Commands` does (no FUSE)."""
     cmd = ctl.parse(line)
     grants.check(d, who, owner, cmd.name, cmd.args)
-    d.record([events.ctl(owner, who, line), grants.event(owner, who, cmd.name, cmd.args)])
+    d.record([events.ctl(owner, who, line), grants.event(d, who, owner, cmd.name, cmd.args)])
 
 
 def perms(d: Dispatcher, name: str, path: str) -> str | None:
@@ -97,7 +97,8 @@ def test_parse_takes_grant_and_revoke() -> None:
     [
         # Outside the granter's domain: EPERM, whoever writes it.
         ("notes", "notes", "grant planner /vault/archive/x r", errno.EPERM, "outside the domain"),
-        ("user", "notes", "grant planner /vault/archive r", errno.EPERM, "outside the domain"),
+        ("user", "notes", "grant planner /vault/misc r", errno.EPERM, "in no vault domain"),
+        ("user", "user", "grant planner /agents/notes r", errno.EPERM, "in no vault domain"),
         ("notes", "notes", "grant planner /vault r", errno.EPERM, "its domain is /vault/notes"),
         ("notes", "notes", "grant planner /agents/notes r", errno.EPERM, "outside the domain"),
         ("notes", "notes", "grant planner /vault/notesx r", errno.EPERM, "outside the domain"),
@@ -229,11 +230,30 @@ def test_removing_an_agent_drops_the_grants_it_held_and_gave(d: Dispatcher) -> N
     assert d.granted == {}
 
 
-def test_the_operator_grants_from_its_own_domain(d: Dispatcher) -> None:
-    command(d, "user", "user", "grant other /vault/shared/docs r")
+def test_the_operator_acts_for_the_owner_of_the_domain_whichever_ctl(d: Dispatcher) -> None:
+    command(d, "user", "user", "grant other /vault/shared/docs r")  # its own domain
+    command(d, "user", "user", "grant other /vault/notes/plans r")  # for notes
+    command(d, "user", "planner", "grant other /vault/archive r")  # for archive
+    assert d.granted == {
+        "other": {
+            "/vault/shared/docs": "user",
+            "/vault/notes/plans": "notes",
+            "/vault/archive": "archive",
+        }
+    }
     assert perms(d, "other", "/vault/shared/docs") == "r"
-    code, why = refusal(d, "user", "user", "grant other /vault/notes r")
-    assert code == errno.EPERM and "/vault/shared" in why
+    assert perms(d, "other", PLANS) == "r"
+    grant = read_events(d.log.state, "grant")[-1]  # type: ignore[union-attr]
+    assert (grant["agent"], grant["who"]) == ("archive", "user")
+    # It takes a grant back whoever gave it; an owner only its own.
+    code, why = refusal(d, "archive", "archive", "revoke other /vault/notes/plans")
+    assert code == errno.EPERM and "outside the domain of archive" in why
+    command(d, "user", "other", "revoke other /vault/notes/plans")
+    revoke = read_events(d.log.state, "revoke")[-1]  # type: ignore[union-attr]
+    assert (revoke["agent"], revoke["who"], revoke["path"]) == ("notes", "user", PLANS)
+    assert perms(d, "other", PLANS) is None
+    code, why = refusal(d, "user", "user", "revoke other /vault/notes/plans")
+    assert code == errno.ENOENT and "notes has not granted" in why
 
 
 def test_ctl_shows_the_grants_on_both_sides(d: Dispatcher) -> None:
