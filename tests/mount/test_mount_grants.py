@@ -245,6 +245,11 @@ def test_grants_survive_restarts_of_both_agents_and_of_the_server(
     vault.mount()
     assert "No such file" in sees("planner")
     assert grant_lines(vault, "notes") == ["granted sleeper /vault/notes/plans r"]
+    # `replay` rebuilds them from the log alone.
+    r = outheisfs("replay", "--state", str(vault.state), "--json")
+    assert json.loads(r.stdout)["grants"] == {"sleeper": {"/vault/notes/plans": "notes"}}
+    text = outheisfs("replay", "--state", str(vault.state)).stdout
+    assert text.endswith("  sleeper unveil /vault/notes/plans r (granted by notes)\n")
 
 
 def test_refused_grants_have_an_errno_and_a_reason_in_the_granters_errors(
