@@ -325,15 +325,27 @@ def test_an_open_folder_listing_follows_the_revoke(vault: Server, tmp_path: Path
     )
     p = subprocess.Popen(
         [PY, "-m", "outheisfs", "run", "planner", "--mount", str(vault.mp), "--", PY, str(script)],
-        cwd=vault.mp, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=vault.mp, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
+
+    def line() -> str:
+        assert p.stdout is not None
+        got = b""
+        while not got.endswith(b"\n"):
+            ready, _, _ = select.select([p.stdout], [], [], 30)
+            assert ready, f"no line from the lister in 30 s: {got!r}"
+            data = os.read(p.stdout.fileno(), 1 << 16)
+            assert data, f"the lister ended: {got!r}"
+            got += data
+        return got.decode().strip()
+
     try:
-        assert p.stdout is not None and p.stdin is not None
-        assert p.stdout.readline().strip() == "['diary', 'plans']"
+        assert p.stdin is not None
+        assert line() == "['diary', 'plans']"
         assert ctl(vault, "notes", "revoke planner /vault/notes").returncode == 0
-        p.stdin.write("\n")
+        p.stdin.write(b"\n")
         p.stdin.flush()
-        after = p.stdout.readline().strip()
+        after = line()
         assert "diary" not in after and "plans" not in after, after
     finally:
         p.kill()
