@@ -182,6 +182,7 @@ class Dispatcher:
                 idle = not agent.queued and not agent.inflight and not agent.delayed
                 if agent.origin == "config" and name not in current and idle:
                     del self.agents[name]
+                    grants.forget(self, name)
             for name, prio in current.items():
                 agent = self.agents.get(name) or self._add(name, None, "config")
                 agent.origin = "config"

@@ -84,8 +84,12 @@ def forget(d: Dispatcher, name: str) -> None:
 
 def prune(d: Dispatcher) -> None:
     """Grants whose giver no longer owns the path's domain in the config in force
-    lapse (a config that moved a domain to another owner)."""
+    lapse (a config that moved a domain to another owner), and so do the grants of
+    an agent that is gone."""
     for grantee in list(d.granted):
+        if grantee not in d.agents:
+            del d.granted[grantee]
+            continue
         given = d.granted[grantee]
         for path in [p for p, owner in given.items() if owner_of(d.config, p) != owner]:
             del given[path]

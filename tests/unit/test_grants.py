@@ -230,6 +230,21 @@ def test_removing_an_agent_drops_the_grants_it_held_and_gave(d: Dispatcher) -> N
     assert d.granted == {}
 
 
+def test_an_agent_gone_from_the_config_takes_its_grants_along(state: Path) -> None:
+    d, log = open_dispatcher(state, config())
+    d.record([events.mount("/m", 1, "process", {n: "normal" for n in AGENTS})])
+    command(d, "notes", "notes", "grant other /vault/notes r")
+    command(d, "notes", "notes", "grant planner /vault/notes/plans r")
+    log.close()
+    fewer = make_config({k: v for k, v in AGENTS.items() if k != "other"}, vault=VAULT)
+    d2, log2 = open_dispatcher(state, fewer)
+    d2.record([events.mount("/m", 1, "process", {n: "normal" for n in fewer.agents})])
+    assert "other" not in d2.agents and d2.granted == {"planner": {PLANS: "notes"}}
+    d2.mkdir("other", "user")  # the name again: nothing granted to it
+    assert perms(d2, "other", "/vault/notes") is None
+    log2.close()
+
+
 def test_the_operator_acts_for_the_owner_of_the_domain_whichever_ctl(d: Dispatcher) -> None:
     command(d, "user", "user", "grant other /vault/shared/docs r")  # its own domain
     command(d, "user", "user", "grant other /vault/notes/plans r")  # for notes
@@ -384,3 +399,15 @@ async def test_a_file_opened_before_a_revoke_keeps_its_attributes(env: OpsEnv) -
         await env.ops.release(fh)
     act_as(env, "planner")
     assert await errno_of(env.ops.getattr(week, env.ctx)) == errno.ENOENT
+
+
+def test_grants_of_an_agent_the_log_and_config_no_longer_know_lapse_at_mount(
+    state: Path,
+) -> None:
+    d, log = open_dispatcher(state, config())  # no mount event: the agents are the config's
+    command(d, "notes", "notes", "grant other /vault/notes r")
+    log.close()
+    fewer = make_config({k: v for k, v in AGENTS.items() if k != "other"}, vault=VAULT)
+    d2, log2 = open_dispatcher(state, fewer)
+    assert "other" not in d2.agents and d2.granted == {}
+    log2.close()
