@@ -2,8 +2,9 @@
 
 The owner of a vault domain knows who should read which part of it, so it may
 give another agent read access to a path in its domain (ctl `grant AGENT PATH
-r`) and take it back (`revoke AGENT PATH`); the operator may write both to the
-owner's ctl. Only `r` can be granted: the domain keeps its one writer.
+r`) and take it back (`revoke AGENT PATH`); the operator may write both to any
+ctl and then acts for the owner. Only `r` can be granted: the domain keeps its
+one writer.
 
 A grant is state of the dispatcher's state machine, like the rest: the
 commands are checked here (`check`), logged as `grant` and `revoke` events, and
