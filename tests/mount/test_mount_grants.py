@@ -404,6 +404,11 @@ def test_the_owners_example_grants_one_folder_on_request_and_takes_it_back(
         "why": "notes does not share private",
     }
     assert len(server.events("grant")) == 1
+    # A request it cannot read is answered, not fatal.
+    server.send("planner", "plan everything")
+    (bad,) = take(server, "user", 1, timeout=30)
+    assert bad["body"] == {"refused": "plan everything", "why": 'give {"plan": FOLDER}'}
+    assert server.status("planner")["restarts"] == "0"
     # The planner never wrote anything in the domain; only the owner did.
     writers = {e["who"] for e in server.events("vault")}
     assert writers == {"notes"}

@@ -20,7 +20,11 @@ exec 3<inbox
 while IFS= read -r msg <&3; do
   from=$(jq -r .from <<<"$msg")
   if [[ $from != notes ]]; then
-    send "$(jq -c '{to: "notes", body: {want: .body.plan, for: .id}}' <<<"$msg")"
+    if jq -e '.body | type == "object" and (.plan | type == "string")' <<<"$msg" >/dev/null; then
+      send "$(jq -c '{to: "notes", body: {want: .body.plan, for: .id}}' <<<"$msg")"
+    else
+      send "$(jq -c '{reply_to: .id, body: {refused: .body, why: "give {\"plan\": FOLDER}"}}' <<<"$msg")"
+    fi
     continue
   fi
   for=$(jq -r .body.for <<<"$msg")
