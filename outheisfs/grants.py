@@ -44,17 +44,24 @@ Granted = dict[str, dict[str, str]]  # grantee -> path -> the owner who granted 
 def apply(d: Dispatcher, ev: Event) -> None:
     """A `grant` or `revoke` event: the grants and the grantee's view change."""
     grantee, path = ev["to"], ev["path"]
-    agent = d.agents.get(grantee)
     if ev["type"] == "grant":
         d.granted.setdefault(grantee, {})[path] = ev["agent"]
+        agent = d.agents.get(grantee)
         if agent is not None:
             agent.grants[path] = _with_read(agent.grants.get(path))
-        return
+    else:
+        _take_back(d, grantee, path)
+
+
+def _take_back(d: Dispatcher, grantee: str, path: str) -> None:
+    """A grant ends: out of `granted`, and out of the grantee's view (where its
+    config gives the path, the config's value stays)."""
     given = d.granted.get(grantee, {})
     if given.pop(path, None) is None:
         return
     if not given:
         del d.granted[grantee]
+    agent = d.agents.get(grantee)
     if agent is not None:
         configured = config_grants(d.config, grantee).get(path)
         if configured is None:
@@ -75,27 +82,21 @@ def forget(d: Dispatcher, name: str) -> None:
     """An agent is removed: the grants it held and the grants it gave go with it
     (an agent made later under the same name starts with none)."""
     d.granted.pop(name, None)
-    for grantee in list(d.granted):
-        given = d.granted[grantee]
+    for grantee, given in list(d.granted.items()):
         for path in [p for p, owner in given.items() if owner == name]:
-            del given[path]
-        if not given:
-            del d.granted[grantee]
+            _take_back(d, grantee, path)
 
 
 def prune(d: Dispatcher) -> None:
     """Grants whose giver no longer owns the path's domain in the config in force
     lapse (a config that moved a domain to another owner), and so do the grants of
     an agent that is gone."""
-    for grantee in list(d.granted):
+    for grantee, given in list(d.granted.items()):
         if grantee not in d.agents:
             del d.granted[grantee]
             continue
-        given = d.granted[grantee]
         for path in [p for p, owner in given.items() if owner_of(d.config, p) != owner]:
-            del given[path]
-        if not given:
-            del d.granted[grantee]
+            _take_back(d, grantee, path)
 
 
 def _with_read(perms: str | None) -> str:

@@ -218,6 +218,16 @@ def test_a_grant_lapses_when_its_giver_no_longer_owns_the_domain(state: Path) ->
     log2.close()
 
 
+def test_a_lapsed_grant_leaves_the_view_of_an_agent_outside_the_config(state: Path) -> None:
+    d, log = open_dispatcher(state, config())
+    d.mkdir("bob", "user")  # not in the config: install_config does not reset its view
+    command(d, "notes", "notes", "grant bob /vault/notes/plans r")
+    log.close()
+    d2, log2 = open_dispatcher(state, config(notes="archive"))  # notes lost the domain
+    assert d2.granted == {} and perms(d2, "bob", PLANS) is None
+    log2.close()
+
+
 def test_removing_an_agent_drops_the_grants_it_held_and_gave(d: Dispatcher) -> None:
     d.mkdir("temp", "user")
     command(d, "notes", "notes", "grant temp /vault/notes r")
@@ -226,8 +236,8 @@ def test_removing_an_agent_drops_the_grants_it_held_and_gave(d: Dispatcher) -> N
     assert d.granted == {"planner": {PLANS: "notes"}}
     d.mkdir("temp", "user")  # the same name again starts with nothing granted
     assert perms(d, "temp", "/vault/notes") is None
-    grants.forget(d, "notes")
-    assert d.granted == {}
+    grants.forget(d, "notes")  # the giver gone: what it gave leaves the views too
+    assert d.granted == {} and perms(d, "planner", PLANS) is None
 
 
 def test_an_agent_gone_from_the_config_takes_its_grants_along(state: Path) -> None:
