@@ -224,10 +224,10 @@ class VaultOps:
         ls = self.listings[fh]
         if start == 0:
             base = ls.ino.path
-            fd = _do(lambda: self.store.open_folder(ls.ino))
             ls.uniform = self._uniform(who, base)
             perms = None if ls.uniform is not None else self.rights.perms_now(who)
             async with self.offloop.turn(who):
+                fd = _do(lambda: self.store.open_folder(ls.ino))  # the thread closes it
                 try:
                     ls.names = await self.offloop.run(lambda: _sifted(fd, base, perms))
                 except OSError as e:
