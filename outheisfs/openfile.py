@@ -305,7 +305,8 @@ class OpenFiles:
                 return
             st = self._opener_stat(h)  # it may have begun to exit while counted
         if st is not None and st.exiting:
-            # The opener is exiting: its status is final and tells how [FUSE notes].
+            # The opener is exiting: its status is final and tells how
+            # (docs/design.md, "Who closes").
             code = st.exit_code
             if h.msg is not None:
                 self._settle_now(h, code)
