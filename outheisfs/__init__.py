@@ -25,6 +25,7 @@ modules listed below it, and `bench` stands apart):
     cluster.node   one host of a cluster: the log on the stream, the state folder
                 its cache; cluster.order: what the stream's order lets take effect
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
+    grants      owners' grants of read access to their vault domains (state machine part)
     eventlog    the append-only event log, the single source of truth
     events      the event vocabulary: one constructor per event type
     inbox       one agent's queue: priority classes with aging

@@ -327,6 +327,7 @@ def summary(d: Any, read: int, torn: tuple[int, int] | None = None) -> dict[str,
         "events": read,
         "torn": None if torn is None else {"offset": torn[0], "bytes": torn[1]},
         "agents": agents,
+        "grants": d.granted,  # grantee -> path -> the owner who granted it (read access)
     }
 
 
@@ -400,4 +401,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     f"  {name} {label} seq {m['seq']} {m['id']} from {m['from']} "
                     f"{m['priority']} attempts {m['attempts']}: {body}"
                 )
+    for grantee, given in sorted(s["grants"].items()):
+        for path, owner in sorted(given.items()):
+            print(f"  {grantee} unveil {path} r (granted by {owner})")
     return 0
