@@ -51,7 +51,7 @@ from .lines import LineBuffer
 from .models import INFLIGHT, Message, parse_line
 from .names import OPERATOR
 from .output import Output
-from .parking import Parking
+from .parking import Parking, Watch
 from .procevents import ProcEvents
 from .tree import Kind, Node, Read, Write
 from .views import View
@@ -94,6 +94,7 @@ class Handle:
     dropped: bool = False  # writer killed by a signal: its unterminated line is void
     counted: int = 0  # bytes of its unterminated line counted against `max_unfinished`
     sent: tuple[str, ...] = ()  # ids of the messages of its last write, see `sent_by`
+    watch: Watch | None = None  # the opener's /proc files, opened at its first wait
     # Lines of one open file are sent in the order written, even when a flush
     # comes while a write waits for room.
     sending: trio.Lock = field(default_factory=trio.Lock)
@@ -317,6 +318,9 @@ class OpenFiles:
         (unless its writer was killed), and settle the message it holds."""
         h = self.handles.pop(fh)
         self._forget_poll(h)
+        if h.watch is not None:
+            h.watch.close()
+            h.watch = None
         rest = h.lines.take_rest()
         self._recount(h)
         if rest and not h.dropped:
@@ -418,9 +422,14 @@ class OpenFiles:
                 e = OverLimit(f"{h.who} has {limit} requests waiting already (max_waiting)")
                 self.access.report(h.who, h.path, e)
                 raise e
+        watch = h.watch
+        if watch is None or watch.lost:  # first wait, or the watched thread is gone
+            if watch is not None:
+                watch.close()
+            watch = h.watch = Watch((h.tid, h.pid) if h.pid else (h.tid,))
         _count(self.waiting, h.who, 1)
         try:
-            woken = await self.parking.park(lot, h.tid, *([h.pid] if h.pid else []))
+            woken = await self.parking.park(lot, watch=watch)
         finally:
             _count(self.waiting, h.who, -1)
         if not woken:

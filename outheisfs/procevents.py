@@ -39,6 +39,7 @@ PROC_EVENT_FORK = 0x00000001
 PROC_EVENT_EXEC = 0x00000002
 PROC_EVENT_EXIT = 0x80000000
 KEEP = 5.0  # seconds an exit is remembered, for watchers that ask late
+BATCH = 0.2  # seconds between drains by `run`: every fork and exit of the machine wakes it
 RCVBUF = 64 << 20
 SO_RCVBUFFORCE = 33  # not in the socket module
 
@@ -94,6 +95,10 @@ class ProcEvents:
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 self.drain()
+                # The socket holds what comes meanwhile (its buffer is large), and
+                # every attribution and exit check drains it first: waking for each
+                # fork and exit of other programs would only cost an idle server.
+                await trio.sleep(BATCH)
         finally:
             self._sock = None
             sock.close()

@@ -5,8 +5,13 @@ Fed with the events the kernel sends, in the order it sends them (no socket)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
+import pytest
+import trio
+
+from outheisfs import procevents
 from outheisfs.procevents import ProcEvents
 
 SERVER, AGENT, SHELL = 100, 200, 50
@@ -135,5 +140,42 @@ def test_only_the_kernel_is_believed() -> None:
             time.sleep(0.01)
         assert p.forged == 1
         assert p.labels.get(me) == "spy#0"
+    finally:
+        p.close()
+
+
+async def test_run_drains_at_most_once_a_batch_and_requests_see_every_fork(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = ProcEvents()
+    if not p.exact:
+        p.close()
+        pytest.skip("the process-events connector needs root")
+    drains: list[float] = []
+    real = p.drain
+
+    def counted() -> None:
+        drains.append(trio.current_time())
+        real()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(p.run)
+            monkeypatch.setattr(p, "drain", counted)
+            start = trio.current_time()
+            for _ in range(15):  # forks and exits, each waking a server that drains at once
+                await trio.run_process(["true"])
+            elapsed = trio.current_time() - start
+            assert len(drains) <= elapsed / procevents.BATCH + 2, "one drain per batch"
+            # An attribution does not wait for the batch: it drains first.
+            monkeypatch.setattr(p, "drain", real)
+            p.labels[os.getpid()] = "a#0"
+            child = subprocess.Popen(["sleep", "5"])
+            try:
+                assert p.label_of(child.pid) == "a#0", "its fork is seen at once"
+            finally:
+                child.kill()
+                child.wait()
+            nursery.cancel_scope.cancel()
     finally:
         p.close()
