@@ -6,12 +6,26 @@ import itertools
 import json
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outheisfs.errors import BadInput
-from outheisfs.models import Draft, Message, is_id, new_id, now, parse_line, parse_ts
+from outheisfs.models import (
+    Draft,
+    Message,
+    dumps,
+    is_id,
+    json_bytes,
+    new_id,
+    now,
+    parse_line,
+    parse_ts,
+)
 
 FIELDS = ["id", "seq", "from", "to", "ts", "priority", "body", "reply_to", "attempt"]
 
@@ -235,3 +249,37 @@ def test_message_line_plain_body() -> None:
     m.delivered = 1
     obj = json.loads(m.line())
     assert obj["body"] == "x" and obj["reply_to"] is None and obj["attempt"] == 1
+
+
+# -- JSON bytes: msgspec where it writes what the standard encoder writes ------------
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(),  # lone surrogates included
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _outcome(fn: Callable[[], bytes]) -> bytes | type[Exception]:
+    try:
+        return fn()
+    except Exception as e:
+        return type(e)
+
+
+@settings(max_examples=500, deadline=None)
+@given(JSON_VALUES)
+def test_json_bytes_are_the_standard_encoders(value: Any) -> None:
+    assert _outcome(lambda: json_bytes(value)) == _outcome(lambda: dumps(value).encode())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1e-4, 9.99e-5, 1e16, 9999999999999998.0, -1e-4, 0.0, -0.0, 5e-324, 1.7976931348623157e308],
+)
+def test_json_bytes_of_floats_at_the_edges(value: float) -> None:
+    assert json_bytes({"x": [value]}) == dumps({"x": [value]}).encode()
