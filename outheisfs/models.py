@@ -228,6 +228,10 @@ class Draft:
     to: list[str] | None = None
 
 
+_decode = msgspec.json.Decoder().decode
+_FIELDS = frozenset(Envelope.model_fields)
+
+
 def parse_line(line: bytes, outbox: bool) -> Draft:
     """Parse one line (without its newline) into a Draft; BadInput says why not."""
     if line.endswith(b"\r"):
@@ -238,12 +242,37 @@ def parse_line(line: bytes, outbox: bool) -> Draft:
         raise BadInput("line is not UTF-8 text") from None
     if text.lstrip().startswith("{"):
         try:
-            obj = json.loads(text)
-        except ValueError:
-            obj = None
+            obj = _decode(line)  # json.loads' values, where msgspec parses the line
+        except msgspec.DecodeError:
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                obj = None
         if isinstance(obj, dict):
-            return _envelope(obj, outbox)
+            return _simple_envelope(obj, outbox) or _envelope(obj, outbox)
     return Draft(body=text)
+
+
+def _simple_envelope(obj: dict[str, Any], outbox: bool) -> Draft | None:
+    """The Draft of an envelope whose every field is plainly valid, as `Envelope`
+    would accept it; None for anything else, which `_envelope` checks (and
+    refuses with its reason). Most envelopes are a body and maybe a reply_to."""
+    if "body" not in obj or not _FIELDS.issuperset(obj):
+        return None
+    priority = obj.get("priority")
+    reply_to = obj.get("reply_to")
+    to = obj.get("to")
+    if priority is not None and (type(priority) is not str or priority not in RANK):
+        return None
+    if reply_to is not None and (type(reply_to) is not str or not is_id(reply_to)):
+        return None
+    if to is not None:
+        if not outbox or type(to) is not str or not (valid_name(to) or to == OPERATOR):
+            return None
+        return Draft(body=obj["body"], priority=priority, reply_to=reply_to, to=[to])
+    if not outbox and "to" in obj:
+        return None
+    return Draft(body=obj["body"], priority=priority, reply_to=reply_to)
 
 
 def _envelope(obj: dict[str, Any], outbox: bool) -> Draft:

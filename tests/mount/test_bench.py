@@ -12,11 +12,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pytest import approx
 
-from outheisfs.bench import REDIS, interleave, render, roundtrip_figures
+from outheisfs.bench import REDIS, hops, interleave, render, roundtrip_figures
 
 from .conftest import PY
 
@@ -161,3 +162,38 @@ def test_the_passthrough_floor_serves_its_folder_as_it_is(tmp_path: Path) -> Non
         assert os.statvfs(pt).f_blocks == os.statvfs(backing).f_blocks
     assert (backing / "d" / "moved").read_text() == "new"
     assert not os.path.ismount(tmp_path / "pt")
+
+
+def test_hops_cut_a_round_trip_into_stamped_hops(short_tmp: Path) -> None:
+    r = subprocess.run(
+        [PY, "-m", "outheisfs.bench.hops", "40"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(short_tmp)},
+    )
+    assert r.returncode == 0, r.stderr
+    assert mounts_below(short_tmp) == set(), "the hop timing left a mount behind"
+    assert "echo round trip, median of" in r.stdout
+    for name in hops.HOPS:
+        assert name in r.stdout, name
+    assert "of which in the server" in r.stdout
+
+
+def test_hops_match_the_server_stamps_to_each_round_trip() -> None:
+    # One round trip at 1000 ns steps, and stamps of requests of other round trips
+    # (echo's next read, still waiting) that must not be taken for this one's.
+    t = [1000 * k for k in range(13)]
+    driver = [(t[0], t[3], t[12], {"got": t[6], "sends": t[7]})]
+    stamps: list[list[Any]] = [
+        ["write", 1, t[1], 0, t[2]],  # into echo's inbox
+        ["read", 2, t[0] - 500, t[3] + 100, t[5]],  # echo's read, woken
+        ["write", 3, t[8], 0, t[9]],  # echo's outbox
+        ["read", 4, t[4], t[10], t[11]],  # the driver's read
+        ["read", 2, t[9] + 50, 0, 10**9],  # echo's next read: answered much later
+    ]
+    r = hops.breakdown(driver, stamps)
+    assert r["round_trips"] == 1 and r["total_us"] == approx(12.0)
+    got = list(r["hops_us"].values())
+    assert got == approx([1.0, 1.0, 1.1, 1.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert r["server_us"] == approx(1.0 + 1.1 + 1.9 + 1.0 + 1.0 + 1.0)

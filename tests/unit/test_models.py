@@ -18,6 +18,8 @@ from outheisfs.errors import BadInput
 from outheisfs.models import (
     Draft,
     Message,
+    _envelope,
+    _simple_envelope,
     dumps,
     is_id,
     json_bytes,
@@ -283,3 +285,26 @@ def test_json_bytes_are_the_standard_encoders(value: Any) -> None:
 )
 def test_json_bytes_of_floats_at_the_edges(value: float) -> None:
     assert json_bytes({"x": [value]}) == dumps({"x": [value]}).encode()
+
+
+ENVELOPE_VALUES = (
+    st.none()
+    | st.sampled_from(["interactive", "normal", "Normal", "", "user", "bob", "Bad Name", "a" * 70])
+    | st.sampled_from(["01ARZ3NDEKTSV4RRFFQ69G5FAW", "01ARZ3NDEKTSV4RRFFQ69G5FAU!", "0" * 26])
+    | st.integers()
+    | st.lists(st.sampled_from(["bob", "user", "Bad"]), max_size=2)
+    | st.text(max_size=5)
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["body", "priority", "reply_to", "to", "extra"]), ENVELOPE_VALUES
+    ),
+    st.booleans(),
+)
+def test_simple_envelopes_are_what_the_model_accepts(obj: dict[str, Any], outbox: bool) -> None:
+    quick = _simple_envelope(obj, outbox)
+    if quick is not None:
+        assert quick == _envelope(obj, outbox)
