@@ -17,7 +17,15 @@ from typing import Any
 import pytest
 from pytest import approx
 
-from outheisfs.bench import REDIS, hops, interleave, render, roundtrip_figures
+from outheisfs.bench import (
+    BESIDE_REDIS,
+    REDIS,
+    beside_redis,
+    hops,
+    interleave,
+    render,
+    roundtrip_figures,
+)
 
 from .conftest import PY
 
@@ -45,6 +53,8 @@ EXPECTED = FLOORED | {
 }
 # The Redis Streams reference rows: measured where redis-server is installed.
 REFERENCE = {f"{key}_p{p}" for key in REDIS for p in (50, 99)}
+# outheisfs's round trip over Redis's, measured in the same run, with targets.
+VS_REDIS = {f"roundtrip_vs_redis_p{p}" for p in BESIDE_REDIS}
 
 
 def mounts_below(top: Path) -> set[str]:
@@ -77,16 +87,16 @@ def test_bench_quick_json_reports_every_figure(short_tmp: Path) -> None:
     assert out["quick"] is True
     assert out["machine"]["cpus"] >= 1 and out["machine"]["kernel"]
     figs = {f["key"]: f for f in out["figures"]}
-    assert set(figs) >= EXPECTED | REFERENCE
+    assert set(figs) >= EXPECTED | REFERENCE | VS_REDIS
     installed = shutil.which("redis-server") is not None
     assert bool(out["machine"]["redis"]) == installed
     for key, f in figs.items():
-        if key in REFERENCE and not installed:
+        if key in REFERENCE | VS_REDIS and not installed:
             assert f["value"] is None and f["ratio"] is None, key
             assert f["note"] == "redis-server not installed", key
             continue
         assert f["value"] > 0, key
-        if key in FLOORED | REFERENCE:
+        if key in FLOORED | REFERENCE | VS_REDIS:
             assert f["floor"] > 0, key
             assert abs(f["ratio"] - f["value"] / f["floor"]) < 1e-6 * f["ratio"], key
         if key in REFERENCE:
@@ -98,6 +108,24 @@ def test_bench_quick_json_reports_every_figure(short_tmp: Path) -> None:
     assert "x the auto-ack round trip" in figs["explicit_roundtrip_p50"]["note"]
     if installed:
         assert figs["redis_roundtrip_p50"]["value"] <= figs["redis_roundtrip_p99"]["value"]
+        for p in BESIDE_REDIS:
+            vs = figs[f"roundtrip_vs_redis_p{p}"]
+            assert vs["value"] == approx(figs[f"roundtrip_p{p}"]["value"]), p
+            assert vs["floor"] == approx(figs[f"redis_roundtrip_p{p}"]["value"]), p
+            assert isinstance(vs["met"], bool), p
+
+
+def test_the_round_trip_beside_redis_is_a_ratio_of_percentiles() -> None:
+    ours = [k * 1e-4 for k in range(1, 101)]  # 0.1 ms .. 10 ms
+    redis = [k * 1e-5 for k in range(1, 101)]
+    p50, p99 = beside_redis(ours, redis)
+    assert (p50.value, p50.floor, p50.ratio) == approx((5.1, 0.51, 10.0))
+    assert (p99.value, p99.floor) == approx((10.0, 1.0))
+    assert p50.met is False and p50.target == "<= 1.5x Redis"
+    assert beside_redis(redis, redis)[0].met is True
+    absent = beside_redis(ours, None)
+    assert [f.value for f in absent] == [None, None]
+    assert absent[0].note == "redis-server not installed"
 
 
 def test_a_row_not_measured_says_why() -> None:
