@@ -110,9 +110,18 @@ def _streams_by(key: tuple[Any, ...]) -> tuple[str, ...]:
     return tuple(streams_of(ev))
 
 
+@lru_cache(maxsize=4096)
+def _message_streams(sender: str, to: str) -> tuple[str, ...]:
+    return tuple(streams_of({"type": "message", "from": sender, "to": to}))
+
+
 def _streams(ev: Event) -> Iterable[str]:
     """`streams_of(ev)`, remembered: the same few agents recur in every event."""
     get = ev.get
+    if get("type") == "message" and "agent" not in ev and "who" not in ev:
+        sender, to = get("from"), get("to")
+        if type(sender) is str and type(to) is str:  # as the dispatcher makes them
+            return _message_streams(sender, to)
     key = (
         get("type"),
         get("agent", _ABSENT),
@@ -344,8 +353,19 @@ class EventLog:
         self._write_all(b"".join(raws))
         self.seq = seq
         self.mtime_ns = time.time_ns()
+        # Lines bound for the same streams (a write of many messages to one inbox)
+        # go to them as one piece.
+        last: Iterable[str] | None = None
+        piece: list[bytes] = []
         for full, raw in zip(out, raws, strict=True):
-            self._stream_write(_streams(full), raw)
+            streams = _streams(full)
+            if streams is not last and streams != last:
+                if piece:
+                    self._stream_write(last or (), b"".join(piece))
+                last, piece = streams, []
+            piece.append(raw)
+        if piece:
+            self._stream_write(last or (), b"".join(piece))
         return out
 
     def _write_all(self, data: bytes) -> None:

@@ -253,6 +253,23 @@ def parse_line(line: bytes, outbox: bool) -> Draft:
     return Draft(body=text)
 
 
+def parse_lines(lines: list[bytes], outbox: bool) -> list[Draft]:
+    """`parse_line` of each line. Plain text lines, most of a big write, are
+    checked as UTF-8 all at once and become Drafts directly; any line that may be
+    an envelope (it holds "{") or ends in CR, and every line of a request that is
+    not UTF-8 (to say which one), goes through `parse_line`."""
+    if len(lines) < 2:
+        return [parse_line(line, outbox) for line in lines]
+    try:
+        texts = b"\n".join(lines).decode().split("\n")  # lines hold no newline
+    except UnicodeDecodeError:
+        return [parse_line(line, outbox) for line in lines]
+    return [
+        parse_line(line, outbox) if "{" in text or text.endswith("\r") else Draft(body=text)
+        for line, text in zip(lines, texts, strict=True)
+    ]
+
+
 def _simple_envelope(obj: dict[str, Any], outbox: bool) -> Draft | None:
     """The Draft of an envelope whose every field is plainly valid, as `Envelope`
     would accept it; None for anything else, which `_envelope` checks (and

@@ -48,7 +48,7 @@ from .errors import (
 from .eventlog import EventLog
 from .events import Event
 from .lines import LineBuffer
-from .models import INFLIGHT, Message, parse_line
+from .models import INFLIGHT, Message, parse_lines
 from .names import OPERATOR
 from .output import Output
 from .parking import Parking, Watch
@@ -543,7 +543,7 @@ class OpenFiles:
         owner = str(h.node.agent)
         if outbox and h.who not in (owner, OPERATOR):
             raise NotPermitted(f"only {owner} and the operator send through this outbox")
-        drafts = [parse_line(line, outbox) for line in lines]
+        drafts = parse_lines(lines, outbox)
         sender = owner if outbox else h.who
         held = self._held_by_writer(h, owner) if outbox else ()
         planned = self.d.plan(sender, drafts, None if outbox else owner, held)

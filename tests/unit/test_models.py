@@ -26,6 +26,7 @@ from outheisfs.models import (
     new_id,
     now,
     parse_line,
+    parse_lines,
     parse_ts,
 )
 
@@ -308,3 +309,25 @@ def test_simple_envelopes_are_what_the_model_accepts(obj: dict[str, Any], outbox
     quick = _simple_envelope(obj, outbox)
     if quick is not None:
         assert quick == _envelope(obj, outbox)
+
+
+def _parsed(fn: Callable[[], list[Draft]]) -> list[Draft] | tuple[str, str]:
+    try:
+        return fn()
+    except BadInput as e:
+        return ("BadInput", e.reason)
+
+
+LINE_PARTS = st.sampled_from(
+    [
+        *[b"plain", b" ", b"{", b"}", b'{"body": 1}', b'{"body": "x", "to": "bob"}', b"\r"],
+        *[b"\xff", b"\xc3\xa9", b"\xc3", b'{"body": 2, "extra": 0}', b"[1]", b'\t{"body": null}'],
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.lists(LINE_PARTS, max_size=4).map(b"".join), max_size=6), st.booleans())
+def test_parse_lines_is_parse_line_of_each(lines: list[bytes], outbox: bool) -> None:
+    one_by_one = _parsed(lambda: [parse_line(line, outbox) for line in lines])
+    assert _parsed(lambda: parse_lines(lines, outbox)) == one_by_one
