@@ -7,11 +7,16 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import trio
 
 from outheisfs import procevents
+from outheisfs.access import Access
+from outheisfs.config import Config
+from outheisfs.dispatcher import Dispatcher
+from outheisfs.names import NOBODY, OPERATOR
 from outheisfs.procevents import ProcEvents
 
 SERVER, AGENT, SHELL = 100, 200, 50
@@ -179,3 +184,49 @@ async def test_run_drains_at_most_once_a_batch_and_requests_see_every_fork(
             nursery.cancel_scope.cancel()
     finally:
         p.close()
+
+
+class Ctx:
+    def __init__(self, pid: int) -> None:
+        self.pid, self.uid, self.gid = pid, os.getuid(), os.getgid()
+
+
+def test_a_thread_found_alive_is_not_asked_again_until_an_event_about_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    procs = ProcEvents()
+    if not procs.exact:
+        procs.close()
+        pytest.skip("the process-events connector needs root")
+    procs._server = -1  # this test's children are not agents' orphans
+    d = Dispatcher(Config(), None)
+    access = Access(d, procs)
+    asked: list[int] = []
+    real = os.kill
+
+    def counted(pid: int, sig: int) -> None:
+        if sig == 0:
+            asked.append(pid)
+        real(pid, sig)
+
+    monkeypatch.setattr(os, "kill", counted)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert access.who(Ctx(child.pid)) == OPERATOR
+        assert access.who(Ctx(child.pid)) == OPERATOR
+        assert asked == [child.pid], "alive: known once per thread"
+        other = Ctx(child.pid)
+        other.uid += 1000  # another uid: a stranger, whatever was known
+        assert access.who(other).startswith("uid:")
+        child.kill()
+        child.wait()
+        # Its exit is drained before the next attribution, and forgets it: gone now.
+        deadline = time.monotonic() + 10
+        while access.who(Ctx(child.pid)) != NOBODY:
+            assert time.monotonic() < deadline, "the exit was not seen"
+            time.sleep(0.01)
+        assert child.pid not in procs.alive
+    finally:
+        child.kill()
+        child.wait()
+        procs.close()
