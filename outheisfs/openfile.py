@@ -143,7 +143,6 @@ class OpenFiles:
         self._arrived: dict[str, trio.lowlevel.ParkingLot] = {}
         self._room: dict[str, trio.lowlevel.ParkingLot] = {}
         self._pollers: dict[str, set[PollHandle]] = {}
-        self.woke = False  # a parked reader was woken since a writer last looked
         d.listeners.append(self._applied)
 
     async def timers(self) -> None:
@@ -170,7 +169,6 @@ class OpenFiles:
         lot = self._arrived.get(name)
         if lot:  # most writes find no reader waiting
             lot.unpark_all()
-            self.woke = True
         pollers = self._pollers.pop(name, None)
         if pollers:
             for handle in pollers:
@@ -559,14 +557,6 @@ class OpenFiles:
             raise BadInput("body holds a lone surrogate: not Unicode text") from None
         h.sent = tuple(ev["id"] for ev in planned)
         await self.log.durable()
-        if self.woke:
-            # A reader waits for these messages: let it take them and answer before
-            # this write is answered. Its answer is what the message's round trip
-            # waits for; the writer's, in most programs, is not. Two turns of the
-            # scheduler, since trio runs the tasks of one turn in either order.
-            self.woke = False
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            await trio.lowlevel.cancel_shielded_checkpoint()
 
     def sent_by(self, inode: int, tid: int) -> bytes | None:
         """The ids of the last write of the caller's own open file of this inbox or
