@@ -11,7 +11,8 @@ median of each hop and their sum beside the median round trip:
 
     send      driver's write(2) until the server's write handler starts
     write     the server's write handler (echo's inbox): parse, log, apply, wake
-    wake      end of that handler until echo's parked read runs again
+    wake      end of that handler until echo's parked read runs again (or, if
+              echo's next read came after the message, until it came)
     take      echo's read, woken: deliver event logged, the line made
     to echo   the answer leaves the server until echo's read returns
     echo      in echo: json.loads, json.dumps, until it calls write(2)
@@ -179,9 +180,11 @@ def breakdown(
     reads = sorted((s for s in stamps if s[0] == "read"), key=lambda s: s[4])
     writes = sorted((s for s in stamps if s[0] == "write"), key=lambda s: s[2])
     for s in reads:
-        s[3] = s[3] or s[2]  # a read that found its message at once: no wait
+        s.append(bool(s[3]))  # whether it waited (was parked)
+        s[3] = s[3] or s[2]  # a read that found its message at once: its start
     hops: list[list[float]] = [[] for _ in HOPS]
     totals: list[float] = []
+    waited = [0, 0]  # round trips whose echo read, whose driver's read had waited
     for t0, t1, t2, echo in driver:
         # The requests of this round trip: the write into echo's inbox, echo's
         # read that returned it, echo's write to its outbox, the driver's read.
@@ -196,6 +199,8 @@ def breakdown(
         for k in range(len(HOPS)):
             hops[k].append((points[k + 1] - points[k]) / 1000)
         totals.append((t2 - t0) / 1000)
+        waited[0] += r1[5]
+        waited[1] += r2[5]
     if not totals:
         raise RuntimeError("no round trip could be matched with the server's stamps")
     medians = [statistics.median(h) for h in hops]
@@ -204,6 +209,7 @@ def breakdown(
         "total_us": statistics.median(totals),
         "hops_us": dict(zip(HOPS, medians, strict=True)),
         "server_us": sum(medians[k] for k in SERVER_HOPS),
+        "waited": (waited[0] / len(totals), waited[1] / len(totals)),
     }
 
 
@@ -216,6 +222,11 @@ def render(r: dict[str, Any]) -> str:
     hop_sum = sum(r["hops_us"].values())
     lines.append(f"  {'sum of the medians':26} {hop_sum:8.1f} µs")
     lines.append(f"  {'of which in the server':26} {r['server_us']:8.1f} µs")
+    echo, driver = r["waited"]
+    lines.append(
+        f"echo's read was waiting when the message came in {echo:.0%} of the round trips "
+        f"(else that wake-up is the wait for echo's next read), the driver's in {driver:.0%}"
+    )
     return "\n".join(lines)
 
 

@@ -225,3 +225,4 @@ def test_hops_match_the_server_stamps_to_each_round_trip() -> None:
     got = list(r["hops_us"].values())
     assert got == approx([1.0, 1.0, 1.1, 1.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     assert r["server_us"] == approx(1.0 + 1.1 + 1.9 + 1.0 + 1.0 + 1.0)
+    assert r["waited"] == (1.0, 1.0)
