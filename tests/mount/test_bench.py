@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pstats
 import shutil
 import subprocess
 import tempfile
@@ -27,7 +28,7 @@ from outheisfs.bench import (
     roundtrip_figures,
 )
 
-from .conftest import PY
+from .conftest import PY, Server
 
 FLOORED = {"one_fd", "open_write_close", "big_write", "roundtrip_p50", "roundtrip_p99"}
 FLOORED |= {"explicit_roundtrip_p50", "explicit_roundtrip_p99"}
@@ -226,3 +227,16 @@ def test_hops_match_the_server_stamps_to_each_round_trip() -> None:
     assert got == approx([1.0, 1.0, 1.1, 1.9, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
     assert r["server_us"] == approx(1.0 + 1.1 + 1.9 + 1.0 + 1.0 + 1.0)
     assert r["waited"] == (1.0, 1.0)
+
+
+def test_the_server_writes_its_profile_when_asked(
+    server: Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    out = tmp_path / "server.prof"
+    monkeypatch.setenv("OUTHEISFS_PROFILE", str(out))
+    server.mount()
+    server.send("user", "profiled")
+    assert server.umount().returncode == 0
+    stats = pstats.Stats(str(out))
+    handlers = {(Path(f).name, name) for f, _, name in stats.stats}  # type: ignore[attr-defined]
+    assert ("ops.py", "write") in handlers, "the write handler ran under the profiler"
