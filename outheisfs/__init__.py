@@ -23,6 +23,7 @@ modules listed below it, and `bench` stands apart):
     procevents  forks and exits from the kernel: which agent a process is
     parking     requests that wait, and the signals that end them
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
+    grants      owners' grants of read access to their vault domains (state machine part)
     eventlog    the append-only event log, the single source of truth
     events      the event vocabulary: one constructor per event type
     inbox       one agent's queue: priority classes with aging
