@@ -103,7 +103,8 @@ class ThreadProxy:
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lst.bind(("127.0.0.1", self.port))
         lst.listen(16)
-        self._listener = lst
+        with self._lock:
+            self._listener = lst
         threading.Thread(target=self._accept, args=(lst,), daemon=True).start()
 
     def _accept(self, lst: socket.socket) -> None:
@@ -118,7 +119,13 @@ class ThreadProxy:
                 client.close()
                 continue
             with self._lock:
-                self._conns += [client, server]
+                live = self._listener is lst
+                if live:
+                    self._conns += [client, server]
+            if not live:  # stopped while this one was connecting: cut it too
+                for s in (client, server):
+                    s.close()
+                return
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
@@ -135,15 +142,15 @@ class ThreadProxy:
                 pass
 
     def stop(self) -> None:
-        if self._listener is not None:
+        with self._lock:
+            lst, self._listener = self._listener, None
+            conns, self._conns = self._conns, []
+        if lst is not None:
             try:
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+                lst.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
             except OSError:
                 pass
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            conns, self._conns = self._conns, []
+            lst.close()
         for s in conns:
             try:
                 s.shutdown(socket.SHUT_RDWR)
