@@ -22,6 +22,8 @@ modules listed below it, and `bench` stands apart):
     dentries    names the kernel holds: one refused lookup, one `denied` event
     procevents  forks and exits from the kernel: which agent a process is
     parking     requests that wait, and the signals that end them
+    retain      a bounded log: events older than the rule and held by a checkpoint go
+    checkpoint  the dispatcher's state as of one seq, so that start-up reads only the rest
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
     eventlog    the append-only event log, the single source of truth
     events      the event vocabulary: one constructor per event type

@@ -301,16 +301,18 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 def replay_state(state: Path, until: int | None) -> dict[str, Any]:
     """The state as of the end of the log (or of event `until`), for printing."""
+    from . import checkpoint
     from .config import Config
-    from .dispatcher import Dispatcher
     from .eventlog import EventLog
     from .progress import Progress
 
     elog = EventLog(state, readonly=True)
-    d = Dispatcher(Config(), None)
+    d, start = checkpoint.restore(state, Config(), elog, until)
     line = Progress("replay")  # on a terminal only
     try:
-        report = elog.open(d.apply, until, lambda done, total: line.update(done, total, "bytes"))
+        report = elog.open(
+            d.apply, until, lambda done, total: line.update(done, total, "bytes"), start
+        )
     finally:
         line.done()
     agents: dict[str, Any] = {}
@@ -325,6 +327,7 @@ def replay_state(state: Path, until: int | None) -> dict[str, Any]:
     return {
         "seq": d.seq,
         "events": report.events,
+        "checkpoint": report.checkpoint,
         "torn": None
         if report.torn is None
         else {"offset": report.torn[0], "bytes": report.torn[1]},
@@ -357,7 +360,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s))
         return 0
-    print(f"state as of seq {s['seq']} ({s['events']} events read)")
+    since = f", after the checkpoint at seq {s['checkpoint']}" if s["checkpoint"] else ""
+    print(f"state as of seq {s['seq']} ({s['events']} events read{since})")
     if s["torn"]:
         print(f"torn last record: {s['torn']['bytes']} bytes at byte {s['torn']['offset']}")
     print(

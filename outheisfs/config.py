@@ -30,6 +30,23 @@ NET_RE = re.compile(r"(connect|bind):([0-9]{1,5})")
 PRIORITIES: tuple[Priority, ...] = ("interactive", "normal", "background")
 
 
+AGE_RE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd])")
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def retention(rule: str | int) -> tuple[str, float]:
+    """`retain` as ("events", N) or ("age", seconds); ValueError for anything else."""
+    if isinstance(rule, int) and not isinstance(rule, bool):
+        if rule < 1:
+            raise ValueError("must be at least 1 event")
+        return "events", float(rule)
+    if isinstance(rule, str):
+        m = AGE_RE.fullmatch(rule.strip())
+        if m:
+            return "age", float(m.group(1)) * AGE_UNITS[m.group(2)]
+    raise ValueError('must be an age like "7d", "12h", "30m", "90s", or a count of events')
+
+
 def valid_name(name: str) -> bool:
     return NAME_RE.fullmatch(name) is not None
 
@@ -151,6 +168,17 @@ class Config(BaseModel):
     max_waiting: int = Field(default=64, ge=1)  # requests parked: blocked reads and writes
     max_unfinished: int = Field(default=16 << 20, ge=64)  # bytes of unterminated lines
     output_max: int = Field(default=10 << 20, ge=4096)  # bytes of agents/NAME/output, rotated
+    # The log's checkpoints and bound (checkpoint.py, retain.py):
+    checkpoint_every: int = Field(default=100_000, ge=1)  # events between checkpoints
+    retain: str | int | None = None  # an age ("7d") or a count of events; None: all
+
+    @field_validator("retain")
+    @classmethod
+    def _retain(cls, v: str | int | None) -> str | int | None:
+        if v is not None:
+            retention(v)
+        return v
+
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     vault: dict[str, str] = Field(default_factory=dict)
     # Users whose processes act as the operator, beside the mounting user and root:

@@ -20,9 +20,11 @@ itself costs ~120 µs, so SQLite alone would have eaten the performance budget.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -147,11 +149,25 @@ def _streams(ev: Event) -> Iterable[str]:
 @dataclass
 class ReplayReport:
     last_seq: int = 0
-    events: int = 0
+    events: int = 0  # lines read
     torn: tuple[int, int] | None = None  # (offset, bytes cut)
+    checkpoint: int = 0  # the seq of the checkpoint replay started from (0: none)
 
 
-def _last_line(fd: int, size: int) -> tuple[int, bytes]:
+@dataclass(frozen=True)
+class Start:
+    """Where a replay from a checkpoint begins: after event `seq`, at byte `offset`;
+    the stream files' sizes when the checkpoint was taken (None: unknown)."""
+
+    seq: int
+    offset: int
+    streams: dict[str, int] | None = None
+
+
+_SEQ_PREFIX = re.compile(rb'\{"seq":([0-9]+)[,}]')
+
+
+def last_line(fd: int, size: int) -> tuple[int, bytes]:
     """(offset, bytes) of the last complete line of a file that ends with a newline."""
     end = size - 1  # the final newline
     pos = end
@@ -166,7 +182,7 @@ def _last_line(fd: int, size: int) -> tuple[int, bytes]:
     return 0, os.pread(fd, end, 0)
 
 
-def _complete_size(fd: int) -> int:
+def complete_size(fd: int) -> int:
     """Size of the file up to and including its last newline."""
     size = os.fstat(fd).st_size
     pos = size
@@ -178,6 +194,17 @@ def _complete_size(fd: int) -> int:
             return start + i + 1
         pos = start
     return 0
+
+
+def first_seq(fd: int) -> int:
+    """The seq of a log file's first line (1 if it cannot be read)."""
+    return seq_prefix(os.pread(fd, 256, 0)) or 1
+
+
+def seq_prefix(line: bytes) -> int | None:
+    """The seq a log line begins with (every line the log writes does), or None."""
+    m = _SEQ_PREFIX.match(line)
+    return int(m.group(1)) if m else None
 
 
 def _seq_of(line: bytes) -> int | None:
@@ -211,6 +238,7 @@ class EventLog:
         self._broken: str | None = None
         self._progress: Callable[[int, int], None] | None = None
         self.mtime_ns = time.time_ns()
+        self.first = 1  # the seq the file begins with (`retain` drops what is before)
 
     # -- opening and replay ------------------------------------------------------------
 
@@ -219,16 +247,25 @@ class EventLog:
         apply: Callable[[Event], None],
         until: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        start: Start | None = None,
     ) -> ReplayReport:
         """Check the log, repair a torn tail, replay every event into `apply`;
-        `progress(bytes read, bytes in all)` is called now and then."""
+        `progress(bytes read, bytes in all)` is called now and then. With `start`
+        (a checkpoint's seq, offset and stream sizes, checked by `verify`), `apply`
+        already holds the state up to that seq: only the events after it are read."""
         report = ReplayReport()
         self._progress = progress
         if self.readonly:
             if not self.path.exists():
                 return report
             with open(self.path, "rb") as f:
-                self._scan(f, apply, report, until, os.fstat(f.fileno()).st_size)
+                size = os.fstat(f.fileno()).st_size
+                if start is not None:
+                    f.seek(start.offset)
+                    report.checkpoint = start.seq
+                    self._scan(f, apply, report, until, size, start.offset, start.seq + 1)
+                else:
+                    self._scan(f, apply, report, until, size, 0, self._first(f.fileno()))
             return report
         (self.state / "streams").mkdir(parents=True, exist_ok=True)
         new = not self.path.exists()
@@ -241,12 +278,22 @@ class EventLog:
                 os.close(dfd)
         size = os.fstat(self._fd).st_size
         main_last = 0
-        complete = _complete_size(self._fd)
+        complete = complete_size(self._fd)
         if complete:
-            main_last = _seq_of(_last_line(self._fd, complete)[1]) or 0
-        low = self._open_streams(main_last)
+            main_last = _seq_of(last_line(self._fd, complete)[1]) or 0
+        low = self._open_streams(main_last, start)
+        self.first = first_seq(self._fd)
         with open(self._fd, "rb", closefd=False) as f:
-            self._scan(f, apply, report, until, size, low)
+            if start is not None and low >= start.seq:
+                f.seek(start.offset)
+                report.checkpoint = start.seq
+                self._scan(f, apply, report, until, size, start.offset, start.seq + 1, low)
+            elif start is not None:  # streams to catch up from before the checkpoint
+                report.checkpoint = start.seq
+                first = self._first(self._fd, start)
+                self._scan(f, apply, report, until, size, 0, first, low, start.seq + 1)
+            else:
+                self._scan(f, apply, report, until, size, 0, self._first(self._fd), low)
         if report.torn:
             os.ftruncate(self._fd, report.torn[0])
             os.fsync(self._fd)
@@ -254,30 +301,83 @@ class EventLog:
         self._stream_last.clear()
         return report
 
-    def _open_streams(self, main_last: int) -> int:
-        """Open the stream files; return the seq up to which all of them are complete."""
+    def _first(self, fd: int, start: Start | None = None) -> int:
+        """The seq the file begins with: 1, unless `retain` dropped the events before,
+        which only a checkpoint at or after them can stand for."""
+        first = self.first = first_seq(fd)
+        if first != 1 and (start is None or first > start.seq + 1):
+            raise LogDamaged(
+                str(self.path),
+                0,
+                1,
+                f"the log begins at seq {first}: the events before it were dropped "
+                "(retain) and no checkpoint that holds them could be used",
+            )
+        return first
+
+    def verify(self, seq: int, offset: int, last: str) -> bool:
+        """Whether event `seq` is the line that ends right before byte `offset`,
+        with the SHA-256 `last`: a checkpoint of this very log."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            if offset == 0:  # `retain` cut everything up to it: the log begins after it
+                return os.fstat(fd).st_size > 0 and first_seq(fd) == seq + 1
+            if offset < 0 or offset > os.fstat(fd).st_size:
+                return False
+            if os.pread(fd, 1, offset - 1) != b"\n":
+                return False
+            line = last_line(fd, offset)[1]
+        finally:
+            os.close(fd)
+        return _seq_of(line) == seq and hashlib.sha256(line).hexdigest() == last
+
+    def mark(self) -> tuple[int, bytes, str, dict[str, int] | None] | None:
+        """Where the log stands, for a checkpoint: the size of the main file, its last
+        line, that event's time, and the sizes of the stream files (None when some
+        could not be written: the next start must catch them up)."""
+        if self._broken or self._fd < 0 or self._size == 0:
+            return None
+        self.flush_streams()
+        line = last_line(self._fd, self._size)[1]
+        ev = decode(line + b"\n")
+        streams = None if self._stale else dict(self._stream_size)
+        return self._size, line, ev["ts"], streams
+
+    def sync(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+
+    def _open_streams(self, main_last: int, start: Start | None = None) -> int:
+        """Open the stream files; return the seq up to which all of them are complete:
+        as of the last clean close (the marker) or of the checkpoint, if they have
+        not shrunk since."""
         marker = self.state / "streams" / COMPLETE
+        marks: list[tuple[int, dict[str, int]]] = []
         try:
             meta = json.loads(marker.read_text())
-            low = min(int(meta["seq"]), main_last)
-            sizes: dict[str, int] = meta["sizes"]
+            marks.append((min(int(meta["seq"]), main_last), dict(meta["sizes"])))
         except (OSError, ValueError, KeyError, TypeError):
-            low, sizes = 0, {}
-        for name, size in sizes.items():
-            # Streams only grow: one missing or shorter than at the last clean
-            # close was damaged since, and must be caught up from the start.
-            p = self.state / "streams" / name
-            if not p.exists() or p.stat().st_size < size:
-                low = 0
+            pass
+        if start is not None and start.streams is not None:
+            marks.append((start.seq, start.streams))
+        low = 0
+        for seq, sizes in marks:
+            # Streams only grow: one missing or shorter than then was damaged
+            # since, and must be caught up from further back.
+            if all(self._at_least(name, size) for name, size in sizes.items()):
+                low = max(low, seq)
         for p in (self.state / "streams").iterdir():
             name = p.name
             if name.startswith("."):
                 continue
             fd = self._stream_fd(name)
-            size = _complete_size(fd)
+            size = complete_size(fd)
             last = 0
             if size:
-                last = _seq_of(_last_line(fd, size)[1]) or -1
+                last = _seq_of(last_line(fd, size)[1]) or -1
             if last < 0 or last > main_last:
                 size, last, low = 0, 0, 0  # unreadable or ahead of the main log: rebuild
             if size != os.fstat(fd).st_size:
@@ -286,6 +386,12 @@ class EventLog:
             self._stream_last[name] = last
         return low
 
+    def _at_least(self, name: str, size: int) -> bool:
+        try:
+            return (self.state / "streams" / name).stat().st_size >= size
+        except (OSError, ValueError):
+            return False
+
     def _scan(
         self,
         f: Any,
@@ -293,11 +399,15 @@ class EventLog:
         report: ReplayReport,
         until: int | None,
         size: int,
+        offset: int = 0,
+        expected: int = 1,
         low: int = 0,
+        apply_from: int = 0,
     ) -> None:
-        offset = 0
-        lineno = 0
-        expected = 1
+        """Read lines from `offset` (event `expected`) to the end: apply each event
+        from `apply_from` on (up to `until`), and copy to its streams what they lack."""
+        report.last_seq = expected - 1
+        lineno = expected - 1  # as a seq; the line's number is counted from the file's first
         catch_up = not self.readonly
         progress = self._progress
         for raw in f:
@@ -314,7 +424,7 @@ class EventLog:
                     raise ValueError(f"expected an event with seq {expected}")
                 if not isinstance(ev.get("type"), str) or not isinstance(ev.get("ts"), str):
                     raise ValueError("event without type or ts")
-                if until is None or expected <= until:
+                if (until is None or expected <= until) and expected >= apply_from:
                     apply(ev)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 # A crash can leave zero bytes at the end (a file extended before its
@@ -322,6 +432,7 @@ class EventLog:
                 if last and not raw.rstrip(b"\n").strip(b"\0"):
                     report.torn = (offset, len(raw))
                     break
+                lineno -= first_seq(f.fileno()) - 1  # counted from the file's first line
                 raise LogDamaged(
                     str(self.path), offset, lineno, str(e) or type(e).__name__
                 ) from None

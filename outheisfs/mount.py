@@ -23,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import events, procinfo
+from . import checkpoint, events, procinfo, retain
 from .config import Config
 from .dispatcher import Dispatcher
 from .errors import LogDamaged
@@ -132,12 +132,15 @@ def recover(
     mountpoint: Path,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Dispatcher, EventLog]:
-    """What every start does: replay the log (cutting a torn tail), install the
-    config, record the mount, and queue again what was in flight."""
+    """What every start does: bound the log (`retain`), load the newest checkpoint,
+    replay the log after it (cutting a torn tail), install the config, record the
+    mount, and queue again what was in flight."""
     elog = EventLog(state, durability)
-    d = Dispatcher(config, elog)
     try:
-        report = elog.open(d.apply, progress=progress)
+        if config.retain is not None:
+            retain.apply(state, config.retain, time.time())
+        d, start = checkpoint.restore(state, config, elog)
+        report = elog.open(d.apply, progress=progress, start=start)
     except LogDamaged as e:
         raise MountError(f"event log refused: {e}") from None
     except OSError as e:
@@ -149,12 +152,17 @@ def recover(
         d.note(events.error("/log", errno.EIO, why))
     agents = {n: a.priority for n, a in config.agents.items()}
     mount_event = events.mount(str(mountpoint), os.getpid(), durability, agents)
+    # How start-up went: the checkpoint it began from, and the log lines it read.
+    mount_event["checkpoint"] = report.checkpoint
+    mount_event["replayed"] = report.events
     try:
         d.record([mount_event])
         d.requeue_inflight()
     except OSError as e:  # a full disk: say so, rather than a traceback in server.log
         elog.close()
         raise MountError(f"event log {elog.path} cannot be written: {e.strerror}") from None
+    if report.events >= config.checkpoint_every:  # not the same long replay again
+        checkpoint.Checkpoints(d, elog, state, config.checkpoint_every).write_now()
     return d, elog
 
 
@@ -165,6 +173,7 @@ async def serve(opts: Options, ready: Ready) -> None:
     lock_fd = lock_state(opts.state)
     procinfo.raise_nofile()
     d, elog = recover(opts.config, opts.state, opts.durability, opts.mountpoint, ready.progress)
+    checkpoints = checkpoint.Checkpoints(d, elog, opts.state, opts.config.checkpoint_every)
     procs = ProcEvents()
     table = Processes(opts.config)
     ops = Operations(d, elog, procs, table)
@@ -208,6 +217,7 @@ async def serve(opts: Options, ready: Ready) -> None:
             nursery.start_soon(fuse_main)
             nursery.start_soon(ops.files.parking.run)
             nursery.start_soon(ops.files.timers)
+            await nursery.start(checkpoints.run)
             await nursery.start(procs.run)
             await trio.to_thread.run_sync(os.stat, opts.mountpoint / "ctl")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -226,6 +236,7 @@ async def serve(opts: Options, ready: Ready) -> None:
         ops.files.settle_all()  # also when serving failed: before the `umount` event
         d.note(events.umount(str(opts.mountpoint)))
         ops.files.output.close()
+        checkpoints.write_now()  # the next start reads nothing of the log before it
         elog.close()
         pyfuse3.close(unmount=True)
         os.ftruncate(lock_fd, 0)  # no pid left behind for someone to signal later
