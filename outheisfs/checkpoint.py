@@ -300,6 +300,7 @@ class Checkpoints:
         self.last = d.seq  # the newest checkpoint's seq (or where this server started)
         self.keep = {elog.first - 1}  # a log cut by `retain` begins after this one
         self.written = 0
+        self.interval = 1.0  # seconds between looks at how far the log has grown
 
     def take(self) -> tuple[Header, bytes] | None:
         """Header and body for the state as it is now, or None if the log cannot say
@@ -335,7 +336,7 @@ class Checkpoints:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            await trio.sleep(1.0)
+            await trio.sleep(self.interval)
             if self.d.seq - self.last < self.every:
                 continue
             t = time.monotonic()
