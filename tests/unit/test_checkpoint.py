@@ -190,10 +190,10 @@ def test_a_checkpoint_and_the_tail_give_the_state_of_a_full_replay(
 
 def test_the_state_round_trips_whole(tmp_path: Path) -> None:
     """dumps/loads keep every attribute, and shared messages stay one object."""
-    run_steps(
-        tmp_path,
-        [("send", OPERATOR, "a", 3), ("take", "a", 0), ("nack", "a", 2.0), ("take", "b", 0), ("send", "b", "a", 2), ("take", "a", 1), ("tick", 6.0), ("mkdir", "c")],
-    )
+    program: list[tuple[Any, ...]] = [("send", OPERATOR, "a", 3), ("take", "a", 0)]
+    program += [("nack", "a", 2.0), ("take", "b", 0), ("send", "b", "a", 2)]
+    program += [("take", "a", 1), ("tick", 6.0), ("mkdir", "c")]
+    run_steps(tmp_path, program)
     d = full_replay(tmp_path, CONFIG)
     back = checkpoint.loads(checkpoint.dumps(d), CONFIG)
     assert state(back) == state(d)
