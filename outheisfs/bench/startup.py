@@ -123,7 +123,8 @@ def main(events: int) -> int:
     print(json.dumps(r))
     print(
         f"log of {events:,} events ({r['log_bytes'] / 1e6:,.0f} MB; agents' log and outbox "
-        f"files {r['stream_bytes'] / 1e6:,.0f} MB; checkpoints {r['checkpoint_bytes'] / 1e3:,.0f} kB)\n"
+        f"files {r['stream_bytes'] / 1e6:,.0f} MB; "
+        f"checkpoints {r['checkpoint_bytes'] / 1e3:,.0f} kB)\n"
         f"first mount (no checkpoint, full replay): {r['first_ready']:.2f} s\n"
         f"mount after a clean unmount: {r['ready']:.2f} s "
         f"(from the checkpoint at seq {r['checkpoint']:,}, {r['replayed']} events read)\n"

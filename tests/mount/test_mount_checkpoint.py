@@ -137,4 +137,3 @@ def test_retain_bounds_the_log_and_replay_gives_the_same_state(server: Server) -
     server.mount()
     assert server.events("mount")[-1]["checkpoint"] > base
     assert server.status("worker")["queued"] == "194"
-
