@@ -49,7 +49,7 @@ import trio
 
 from .config import AgentConfig, Config
 from .dispatcher import Agent, Dispatcher
-from .eventlog import EventLog, Start
+from .eventlog import EventLog, Start, first_seq
 from .inbox import Inbox
 from .models import Message
 
@@ -122,18 +122,49 @@ def dumps(d: Dispatcher) -> bytes:
     return buf.getvalue()
 
 
-def loads(body: bytes, config: Config, elog: EventLog | None = None) -> Dispatcher:
+def loads(
+    body: bytes, config: Config, elog: EventLog | None = None, fill: bool = False
+) -> Dispatcher:
     """A dispatcher with the state of `body`, under `config`: each agent's settings
     are the config's, as after a replay (`install_config` follows as usual)."""
     state = _Unpickler(io.BytesIO(body)).load()
     if not isinstance(state, dict):
         raise pickle.UnpicklingError("not a dispatcher's state")
     d = Dispatcher(config, elog)
-    vars(d).update(state)
+    vars(d).update(state)  # attributes added since the checkpoint keep a fresh one's values
+    if fill:
+        _fill(state, set())
     for name, agent in d.agents.items():
         agent.config = config.agents.get(name)
         agent.inbox.aging = config.aging
     return d
+
+
+def _fill(obj: Any, seen: set[int]) -> None:
+    """Give fields added to a class since a checkpoint was written their defaults."""
+    if id(obj) in seen or isinstance(obj, str | bytes | int | float | None):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, dict):
+        for v in obj.values():
+            _fill(v, seen)
+    elif isinstance(obj, list | tuple | set | frozenset):
+        for v in obj:
+            _fill(v, seen)
+    elif type(obj) in CLASSES:
+        if dataclasses.is_dataclass(obj):
+            for f in dataclasses.fields(obj):
+                if not hasattr(obj, f.name):
+                    if f.default is not dataclasses.MISSING:
+                        setattr(obj, f.name, f.default)
+                    elif f.default_factory is not dataclasses.MISSING:
+                        setattr(obj, f.name, f.default_factory())
+                    else:
+                        raise ValueError(f"{type(obj).__name__}.{f.name} has no default")
+                _fill(getattr(obj, f.name), seen)
+        else:
+            for v in vars(obj).values():
+                _fill(v, seen)
 
 
 # -- files -----------------------------------------------------------------------------
@@ -211,9 +242,9 @@ def write(state: Path, header: Header, body: bytes) -> Path:
     return final
 
 
-def read(path: Path) -> tuple[Header, bytes]:
-    """A checkpoint's header and body, checked against each other and this code's
-    shape; ValueError (or OSError) says why it cannot be used."""
+def read(path: Path, strict: bool = True) -> tuple[Header, bytes]:
+    """A checkpoint's header and body, checked against each other and (if `strict`)
+    this code's shape; ValueError (or OSError) says why it cannot be used."""
     with open(path, "rb") as f:
         first = f.readline(1 << 20)
         body = f.read()
@@ -223,7 +254,7 @@ def read(path: Path) -> tuple[Header, bytes]:
     if not isinstance(fields, dict):
         raise ValueError("header is not an object")
     header = Header(**fields)
-    if header.format != FORMAT or header.shape != shape():
+    if header.format != FORMAT or (strict and header.shape != shape()):
         raise ValueError("written by code with another shape of state")
     if header.size != len(body) or header.sha256 != digest(body):
         raise ValueError("body does not match its checksum")
@@ -267,21 +298,46 @@ def restore(
     and where the log's replay goes on; without one, an empty dispatcher and None
     (the whole log is replayed). Checkpoints that do not check out are skipped."""
     owner = None if elog.readonly else elog
-    for seq, path in listing(state):
+    found = listing(state)
+    for seq, path, strict in [(s, p, True) for s, p in found] + _upgradable(elog, found):
         if until is not None and seq > until:
             continue
         try:
-            header, body = read(path)
+            header, body = read(path, strict)
             if header.seq != seq:
                 raise ValueError(f"holds seq {header.seq}, not {seq}")
             if not elog.verify(header.seq, header.offset, header.last):
+                if owner is not None:  # of a log that is gone: never of use again
+                    path.unlink(missing_ok=True)
                 raise ValueError("does not match the event log (ahead of it, or of another log)")
-            d = loads(body, config, owner)
-        except (OSError, ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError) as e:
+            d = loads(body, config, owner, fill=not strict)
+        except (OSError, ValueError, TypeError, KeyError, EOFError, AttributeError) as e:
             log.warning("checkpoint %s not used: %s", path.name, e)
             continue
+        except pickle.UnpicklingError as e:
+            log.warning("checkpoint %s not used: %s", path.name, e)
+            continue
+        if not strict:
+            log.warning("checkpoint %s written by other code: loaded with defaults", path.name)
         return d, Start(header.seq, header.offset, header.streams)
     return Dispatcher(config, owner), None
+
+
+def _upgradable(elog: EventLog, found: list[tuple[int, Path]]) -> list[tuple[int, Path, bool]]:
+    """When `retain` cut the log, the events before it exist only in checkpoints: one
+    written by code with other fields is then loaded all the same, fields added
+    since taking their defaults. With the whole log, a full replay is exact."""
+    try:
+        fd = os.open(elog.path, os.O_RDONLY)
+    except OSError:
+        return []
+    try:
+        first = first_seq(fd)
+    finally:
+        os.close(fd)
+    if first == 1:
+        return []
+    return [(s, p, False) for s, p in found if s >= first - 1]
 
 
 # -- the running server's checkpoints --------------------------------------------------

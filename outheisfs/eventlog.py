@@ -2,14 +2,17 @@
 
 Layout of the state folder:
 
-    events.jsonl          every event, one JSON line each; `seq` rises by one per line
-    streams/NAME.log      the events that concern agent NAME (derived)
-    streams/NAME.outbox   the messages NAME sent (derived)
+    events.jsonl              every event, one JSON line each; `seq` rises by one per line
+    streams/NAME.log.idx      where the events that concern agent NAME are (derived)
+    streams/NAME.outbox.idx   where the messages NAME sent are (derived)
 
 The root `log` file of the mount serves `events.jsonl` itself, byte for byte, so
-offsets, sizes and `tail -f` come for free. The stream files are indexes that can
-be rebuilt from the main file at any time; at start-up each is checked against
-the main file and caught up, so a crash between the two writes loses nothing.
+offsets, sizes and `tail -f` come for free. An agent's `log`, `outbox` and
+`errors` are streams: their lines are lines of `events.jsonl`, read from there
+through an index of 16 bytes per line (the stream's size after the line, and the
+line's offset in the main file), not copies of them. The indexes can be rebuilt
+from the main file at any time; at start-up each is checked against the main
+file and caught up, so a crash between the two writes loses nothing.
 
 A torn last line (a write cut short by a crash) is cut off and reported; a bad
 line anywhere before the end is damage, and opening refuses with its position.
@@ -25,6 +28,7 @@ import json
 import logging
 import os
 import re
+import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -42,8 +46,10 @@ from .names import NOBODY, SERVER
 log = logging.getLogger(__name__)
 
 NOT_AGENTS = {SERVER, NOBODY}  # who may be the server itself, or a caller attributed to no one
-STREAM_BUFFER = 256 << 10  # bytes of stream lines held before they are written
+STREAM_BATCH = 4096  # lines held before their stream index records are written
 MAIN = "events.jsonl"
+IDX = ".idx"  # a stream's index file: streams/NAME.log.idx
+RECORD = struct.Struct("<QQ")  # the stream's size after a line, the line's offset in MAIN
 COMPLETE = ".complete"  # in streams/: the seq all streams hold, and their sizes then
 
 
@@ -229,12 +235,13 @@ class EventLog:
         self._size = 0
         self._synced = 0
         self._syncing: trio.Event | None = None
-        self._streams: dict[str, int] = {}  # stream -> fd
-        self._stream_size: dict[str, int] = {}
+        self._streams: dict[str, int] = {}  # stream -> fd of its index
+        self._stream_size: dict[str, int] = {}  # bytes of the stream as read
+        self._stream_bytes: dict[str, int] = {}  # bytes of its index file
         self._stream_last: dict[str, int] = {}  # only during replay
         self._stale: set[str] = set()
-        self._pending: list[tuple[Iterable[str], bytes]] = []  # lines not yet in their streams
-        self._pending_bytes = 0
+        # Lines not yet in their streams' indexes: (streams, length, offset in MAIN).
+        self._pending: list[tuple[Iterable[str], int, int]] = []
         self._broken: str | None = None
         self._progress: Callable[[int, int], None] | None = None
         self.mtime_ns = time.time_ns()
@@ -281,7 +288,7 @@ class EventLog:
         complete = complete_size(self._fd)
         if complete:
             main_last = _seq_of(last_line(self._fd, complete)[1]) or 0
-        low = self._open_streams(main_last, start)
+        low = self._open_streams(main_last, start, complete)
         self.first = first_seq(self._fd)
         with open(self._fd, "rb", closefd=False) as f:
             if start is not None and low >= start.seq:
@@ -350,14 +357,37 @@ class EventLog:
         if self._fd >= 0:
             os.fsync(self._fd)
 
-    def _open_streams(self, main_last: int, start: Start | None = None) -> int:
-        """Open the stream files; return the seq up to which all of them are complete:
-        as of the last clean close (the marker) or of the checkpoint, if they have
-        not shrunk since."""
-        marker = self.state / "streams" / COMPLETE
+    def _open_streams(self, main_last: int, start: Start | None, complete: int) -> int:
+        """Open the stream indexes; return the seq up to which all of them are
+        complete: as of the last clean close (the marker) or of the checkpoint, if
+        they have not shrunk since. An index whose last line is not a line of the
+        main file (damaged, or ahead of it) is rebuilt from the start."""
+        folder = self.state / "streams"
+        low = -1
+        for p in folder.iterdir():
+            name = p.name
+            if name.startswith("."):
+                continue
+            if not name.endswith(IDX):  # a copy made by an older version: the index replaces it
+                p.unlink(missing_ok=True)
+                continue
+            name = name.removesuffix(IDX)
+            fd = self._stream_fd(name)
+            n = os.fstat(fd).st_size
+            whole = n - n % RECORD.size
+            end, last = self._check_index(fd, whole, main_last, complete)
+            if last < 0:
+                whole, end, last, low = 0, 0, 0, 0  # not lines of the main file: rebuild
+            if whole != n:
+                os.ftruncate(fd, whole)
+            self._stream_bytes[name] = whole
+            self._stream_size[name] = end
+            self._stream_last[name] = last
+        if low == 0:
+            return 0
         marks: list[tuple[int, dict[str, int]]] = []
         try:
-            meta = json.loads(marker.read_text())
+            meta = json.loads((folder / COMPLETE).read_text())
             marks.append((min(int(meta["seq"]), main_last), dict(meta["sizes"])))
         except (OSError, ValueError, KeyError, TypeError):
             pass
@@ -367,30 +397,27 @@ class EventLog:
         for seq, sizes in marks:
             # Streams only grow: one missing or shorter than then was damaged
             # since, and must be caught up from further back.
-            if all(self._at_least(name, size) for name, size in sizes.items()):
+            if all(self._stream_size.get(n, -1) >= size for n, size in sizes.items()):
                 low = max(low, seq)
-        for p in (self.state / "streams").iterdir():
-            name = p.name
-            if name.startswith("."):
-                continue
-            fd = self._stream_fd(name)
-            size = complete_size(fd)
-            last = 0
-            if size:
-                last = _seq_of(last_line(fd, size)[1]) or -1
-            if last < 0 or last > main_last:
-                size, last, low = 0, 0, 0  # unreadable or ahead of the main log: rebuild
-            if size != os.fstat(fd).st_size:
-                os.ftruncate(fd, size)
-            self._stream_size[name] = size
-            self._stream_last[name] = last
         return low
 
-    def _at_least(self, name: str, size: int) -> bool:
-        try:
-            return (self.state / "streams" / name).stat().st_size >= size
-        except (OSError, ValueError):
-            return False
+    def _check_index(self, fd: int, whole: int, main_last: int, complete: int) -> tuple[int, int]:
+        """(the stream's size, the seq of its last line), or (0, -1) if its last
+        record does not point at a line of the main file."""
+        if whole == 0:
+            return 0, 0
+        end, offset = RECORD.unpack(os.pread(fd, RECORD.size, whole - RECORD.size))
+        before = 0
+        if whole > RECORD.size:
+            before = RECORD.unpack(os.pread(fd, RECORD.size, whole - 2 * RECORD.size))[0]
+        length = end - before
+        if length <= 0 or offset + length > complete:
+            return 0, -1
+        line = os.pread(self._fd, length, offset)
+        seq = seq_prefix(line)
+        if not line.endswith(b"\n") or seq is None or seq > main_last:
+            return 0, -1
+        return end, seq
 
     def _scan(
         self,
@@ -440,7 +467,7 @@ class EventLog:
                 streams = _streams(ev)
                 if self._stream_last:  # some streams hold this event already
                     streams = [s for s in streams if self._stream_last.get(s, 0) < expected]
-                self._stream_write(streams, raw)
+                self._stream_write(streams, len(raw), offset)
             report.last_seq = expected
             report.events += 1
             expected += 1
@@ -469,11 +496,13 @@ class EventLog:
             raws.append(encode(full))
         if not raws:
             return out
+        at = self._size
         self._write_all(b"".join(raws))
         self.seq = seq
         self.mtime_ns = time.time_ns()
         for full, raw in zip(out, raws, strict=True):
-            self._stream_write(_streams(full), raw)
+            self._stream_write(_streams(full), len(raw), at)
+            at += len(raw)
         return out
 
     def _write_all(self, data: bytes) -> None:
@@ -494,46 +523,53 @@ class EventLog:
     def _stream_fd(self, stream: str) -> int:
         fd = self._streams.get(stream)
         if fd is None:
-            fd = os.open(
-                self.state / "streams" / stream, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600
-            )
+            path = self.state / "streams" / (stream + IDX)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             self._streams[stream] = fd
-            self._stream_size[stream] = os.fstat(fd).st_size
+            n = os.fstat(fd).st_size
+            n -= n % RECORD.size
+            self._stream_bytes[stream] = n
+            end = RECORD.unpack(os.pread(fd, RECORD.size, n - RECORD.size))[0] if n else 0
+            self._stream_size[stream] = end
         return fd
 
-    def _stream_write(self, streams: Iterable[str], raw: bytes) -> None:
+    def _stream_write(self, streams: Iterable[str], length: int, offset: int) -> None:
         """Add a line to streams. Streams are derived from the main log (rebuilt
-        at start), so their lines are written in batches: before a stream is
-        read or its size asked, once STREAM_BUFFER bytes wait, and at close."""
-        self._pending.append((streams, raw))
-        self._pending_bytes += len(raw)
-        if self._pending_bytes >= STREAM_BUFFER:
+        at start), so their index records are written in batches: before a stream
+        is read or its size asked, once STREAM_BATCH lines wait, and at close."""
+        self._pending.append((streams, length, offset))
+        if len(self._pending) >= STREAM_BATCH:
             self.flush_streams()
 
     def flush_streams(self) -> None:
         if not self._pending:
             return
-        parts: dict[str, list[bytes]] = {}
-        for streams, raw in self._pending:
+        parts: dict[str, list[int]] = {}
+        for streams, length, offset in self._pending:
             for stream in streams:
                 lines = parts.get(stream)
                 if lines is None:
-                    parts[stream] = [raw]
+                    parts[stream] = [length, offset]
                 else:
-                    lines.append(raw)
+                    lines += (length, offset)
         self._pending.clear()
-        self._pending_bytes = 0
         for stream, lines in parts.items():
             if stream not in self._stale:
-                self._flush(stream, b"".join(lines))
+                self._flush(stream, lines)
 
-    def _flush(self, stream: str, data: bytes) -> None:
+    def _flush(self, stream: str, lines: list[int]) -> None:
+        """Append index records for `lines` (length, offset, length, offset, ...)."""
         try:
             fd = self._stream_fd(stream)
         except OSError:
             self._stale.add(stream)  # as below
             return
-        start = self._stream_size[stream]
+        end = self._stream_size[stream]
+        for i in range(0, len(lines), 2):
+            end += lines[i]
+            lines[i] = end
+        data = struct.pack(f"<{len(lines)}Q", *lines)
+        start = self._stream_bytes[stream]
         try:
             view = memoryview(data)
             while view:
@@ -546,7 +582,8 @@ class EventLog:
             except OSError:
                 pass
             return
-        self._stream_size[stream] = start + len(data)
+        self._stream_bytes[stream] = start + len(data)
+        self._stream_size[stream] = end
 
     async def durable(self) -> None:
         """With durability `disk`: return once everything written so far is fsynced.
@@ -575,23 +612,62 @@ class EventLog:
         if stream is None:
             return self._size
         self.flush_streams()
-        if stream not in self._stream_size and not (self.state / "streams" / stream).exists():
-            return 0
-        self._stream_fd(stream)
+        if stream not in self._stream_size:
+            if not (self.state / "streams" / (stream + IDX)).exists():
+                return 0
+            self._stream_fd(stream)
         return self._stream_size[stream]
 
     def read(self, stream: str | None, offset: int, size: int) -> bytes:
         if stream is None:
-            end = self._size
-            fd = self._fd
-        else:
-            end = self.size(stream)  # with every line written
-            if end == 0:
+            if offset >= self._size:
                 return b""
-            fd = self._streams[stream]
-        if offset >= end:
+            return os.pread(self._fd, min(size, self._size - offset), offset)
+        end = self.size(stream)  # with every line indexed
+        if offset >= end or size <= 0:
             return b""
-        return os.pread(fd, min(size, end - offset), offset)
+        return self._read_stream(self._streams[stream], offset, min(end, offset + size))
+
+    def _read_stream(self, fd: int, offset: int, stop: int) -> bytes:
+        """Bytes [offset, stop) of a stream: its lines found by the index, read from
+        the main file, neighbours in one read."""
+        rec = RECORD.size
+
+        def end_of(i: int) -> int:
+            return int(RECORD.unpack(os.pread(fd, rec, i * rec))[0])
+
+        n = os.fstat(fd).st_size // rec
+        lo, hi = 0, n
+        while lo < hi:  # the first line that ends after `offset`
+            mid = (lo + hi) // 2
+            if end_of(mid) > offset:
+                hi = mid
+            else:
+                lo = mid + 1
+        i = lo
+        pos = first = end_of(i - 1) if i else 0
+        parts: list[bytes] = []
+        run_at = run_len = 0
+        while pos < stop and i < n:
+            k = min(n - i, 512)
+            values = struct.unpack(f"<{2 * k}Q", os.pread(fd, k * rec, i * rec))
+            for j in range(0, 2 * k, 2):
+                end, at = values[j], values[j + 1]
+                length = end - pos
+                if run_len and at == run_at + run_len:
+                    run_len += length
+                else:
+                    if run_len:
+                        parts.append(os.pread(self._fd, run_len, run_at))
+                    run_at, run_len = at, length
+                pos = end
+                i += 1
+                if pos >= stop:
+                    break
+        if run_len:
+            parts.append(os.pread(self._fd, run_len, run_at))
+        data = b"".join(parts)
+        return data[offset - first : stop - first]
 
     def close(self) -> None:
         """Make everything durable and close the files. Never raises: the mount

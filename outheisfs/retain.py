@@ -18,13 +18,24 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from . import checkpoint
 from .config import retention
-from .eventlog import MAIN, EventLog, complete_size, first_seq, last_line, seq_prefix
+from .eventlog import (
+    COMPLETE,
+    IDX,
+    MAIN,
+    RECORD,
+    EventLog,
+    complete_size,
+    first_seq,
+    last_line,
+    seq_prefix,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +109,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _stream_cut(path: Path, seq: int) -> int:
-    """Bytes of a stream file's lines up to event `seq` (its lines rise by seq)."""
-    cut = 0
-    with open(path, "rb") as f:
-        for raw in f:
-            s = seq_prefix(raw)
-            if s is None or s > seq:
-                break
-            cut += len(raw)
-    return cut
+def _cut_index(path: Path, cut: int) -> int:
+    """Drop a stream index's records of lines in the first `cut` bytes of the main
+    file and shift the others; return the bytes of stream dropped."""
+    data = path.read_bytes()
+    n = len(data) // RECORD.size
+    values = struct.unpack(f"<{2 * n}Q", data[: n * RECORD.size])
+    i = 0
+    while i < n and values[2 * i + 1] < cut:
+        i += 1
+    dropped = values[2 * i - 2] if i else 0
+    if i:
+        kept = [v - (dropped if j % 2 == 0 else cut) for j, v in enumerate(values[2 * i :])]
+        _write(path, struct.pack(f"<{len(kept)}Q", *kept))
+    return int(dropped)
 
 
 def apply(state: Path, rule: str | int, now: float) -> int:
@@ -144,28 +159,30 @@ def finish(state: Path) -> None:
     except OSError:
         first = 1
     if first == seq + 1:
-        _adjust(state, seq, cut)
+        _adjust(state, seq, cut, fresh=False)
     else:  # the new log never replaced the old one
         (state / f".{MAIN}.tmp").unlink(missing_ok=True)
         journal.unlink()
 
 
-def _adjust(state: Path, seq: int, cut: int) -> None:
+def _adjust(state: Path, seq: int, cut: int, fresh: bool = True) -> None:
     """After the main log lost its first `cut` bytes (events up to `seq`): the
     streams lose the same events, checkpoints before `seq` go, the others get
-    their new offsets and stream sizes."""
+    their new offsets and stream sizes. Finishing an interrupted cut, the stream
+    indexes are removed instead (some may be shifted already): the next start
+    rebuilds them from the log."""
     elog = EventLog(state, readonly=True)
     dropped: dict[str, int] = {}
     streams = state / "streams"
     if streams.is_dir():
+        (streams / COMPLETE).unlink(missing_ok=True)
         for p in sorted(streams.iterdir()):
-            if p.name.startswith("."):
+            if p.name.startswith(".") or not p.name.endswith(IDX):
                 continue
-            n = _stream_cut(p, seq)
-            if n:
-                _copy_tail(p, p, n)
-            dropped[p.name] = n
-        (streams / ".complete").unlink(missing_ok=True)
+            if fresh:
+                dropped[p.name.removesuffix(IDX)] = _cut_index(p, cut)
+            else:
+                p.unlink()
     for s, path in checkpoint.listing(state):
         if s < seq:
             path.unlink(missing_ok=True)

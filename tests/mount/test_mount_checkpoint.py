@@ -110,7 +110,7 @@ def test_retain_bounds_the_log_and_replay_gives_the_same_state(server: Server) -
     assert server.events()[0]["seq"] == 1  # nothing dropped yet: the newest checkpoint is too new
     want = replayed(server)
     size = (server.state / "events.jsonl").stat().st_size
-    worker_log = (server.state / "streams" / "worker.log").stat().st_size
+    worker_log = (server.state / "streams" / "worker.log.idx").stat().st_size
 
     server.mount()
     head = sh(f"head -n1 {server.p('log')}")
@@ -118,7 +118,7 @@ def test_retain_bounds_the_log_and_replay_gives_the_same_state(server: Server) -
     assert (server.state / "events.jsonl").stat().st_size < size * 0.6
     agent_log = [json.loads(x) for x in server.agent("worker", "log").read_text().splitlines()]
     assert agent_log[0]["seq"] > base
-    assert (server.state / "streams" / "worker.log").stat().st_size < worker_log * 0.6
+    assert (server.state / "streams" / "worker.log.idx").stat().st_size < worker_log * 0.6
     assert server.status("worker")["queued"] == "195"
     assert take(server, "worker", 1)[0]["body"] == "a6"  # what dropped events said stays
     assert server.umount().returncode == 0

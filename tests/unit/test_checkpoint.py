@@ -24,8 +24,8 @@ from outheisfs import checkpoint, events, flows, retain
 from outheisfs.config import Config
 from outheisfs.dispatcher import Dispatcher
 from outheisfs.errors import LogDamaged
-from outheisfs.eventlog import EventLog
-from outheisfs.models import Draft
+from outheisfs.eventlog import RECORD, EventLog
+from outheisfs.models import Draft, Message
 from outheisfs.names import OPERATOR
 
 from .helpers import make_config, open_dispatcher
@@ -325,21 +325,20 @@ def test_start_up_reads_only_the_events_after_the_checkpoint_and_streams_stay_wh
     assert checkpoint.Checkpoints(d, log, tmp_path, 10).write_now()
     for i in range(5):
         d.deliver(d.plan(OPERATOR, [Draft(body=f"y{i}")], "b"))
-    log.flush_streams()
+    want_stream = log.read("b.log", 0, 1 << 30)
     os.close(log._fd)  # a crash: no clean close, no marker for the streams
     log._fd = -1
-    want_stream = (tmp_path / "streams" / "b.log").read_bytes()
-    (tmp_path / "streams" / ".complete").unlink(missing_ok=True)
     # The stream lost its last lines (they were still buffered when the server died).
-    (tmp_path / "streams" / "b.log").write_bytes(want_stream[: -len(lines(tmp_path)[-1]) * 2])
+    index = tmp_path / "streams" / "b.log.idx"
+    index.write_bytes(index.read_bytes()[: -2 * RECORD.size])
 
     log2 = EventLog(tmp_path)
     d2, start = checkpoint.restore(tmp_path, CONFIG, log2)
     report = log2.open(d2.apply, start=start)
     assert (report.checkpoint, report.events) == (20, 5)
     assert state(d2) == state(full_replay(tmp_path, CONFIG))
+    assert log2.read("b.log", 0, 1 << 30) == want_stream
     log2.close()
-    assert (tmp_path / "streams" / "b.log").read_bytes() == want_stream
 
 
 def test_a_stream_damaged_before_the_checkpoint_is_caught_up_without_applying_twice(
@@ -349,16 +348,17 @@ def test_a_stream_damaged_before_the_checkpoint_is_caught_up_without_applying_tw
     for i in range(20):
         d.deliver(d.plan(OPERATOR, [Draft(body=f"x{i}")], "b"))
     checkpoint.Checkpoints(d, log, tmp_path, 10).write_now()
+    want = log.read("b.log", 0, 1 << 30)
     log.close()
-    want = (tmp_path / "streams" / "b.log").read_bytes()
-    (tmp_path / "streams" / "b.log").write_bytes(want[:100])  # shorter than recorded
+    index = tmp_path / "streams" / "b.log.idx"
+    index.write_bytes(index.read_bytes()[:100])  # shorter than recorded, cut mid-record
     log2 = EventLog(tmp_path)
     d2, start = checkpoint.restore(tmp_path, CONFIG, log2)
     report = log2.open(d2.apply, start=start)
     assert report.checkpoint == 20
     assert len(d2.agents["b"].inbox) == 20  # applied once, not twice
+    assert log2.read("b.log", 0, 1 << 30) == want
     log2.close()
-    assert (tmp_path / "streams" / "b.log").read_bytes() == want
 
 
 async def test_the_running_server_writes_a_checkpoint_every_so_many_events(
@@ -415,9 +415,6 @@ def test_retain_cuts_the_log_after_a_checkpoint_and_replay_gives_the_same_state(
     assert (tmp_path / "events.jsonl").stat().st_size < size / 3
     assert json.loads(lines(tmp_path)[0])["seq"] == base + 1
     assert not (tmp_path / retain.JOURNAL).exists()
-    # Agents' log files lost the same events.
-    b_log = [json.loads(x) for x in (tmp_path / "streams" / "b.log").read_bytes().splitlines()]
-    assert b_log[0]["seq"] == base + 1
     d2, report = restored(tmp_path, CONFIG)
     assert state(d2) == want
     # Without its newest checkpoint: from the base one.
@@ -434,6 +431,10 @@ def test_retain_cuts_the_log_after_a_checkpoint_and_replay_gives_the_same_state(
     assert start is not None and start.offset == 0
     log3.open(d3.apply, start=start)
     assert state(d3) == want
+    # Agents' log files lost the same events, and show the rest.
+    b_log = [json.loads(x) for x in log3.read("b.log", 0, 1 << 30).splitlines()]
+    assert b_log[0]["seq"] == base + 1
+    assert [e["seq"] for e in b_log] == [json.loads(x)["seq"] for x in lines(tmp_path)]
     log3.close()
     assert retain.apply(tmp_path, 5, 0.0) == 0  # nothing more to drop
 
@@ -476,3 +477,35 @@ def test_a_crash_in_the_middle_of_a_cut_is_finished_or_undone(
     assert state(d) == want
     checkpoint.listing(tmp_path)[0][1].unlink()
     assert state(restored(tmp_path, CONFIG)[0]) == want
+
+
+def test_a_cut_log_loads_a_checkpoint_of_code_with_fewer_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `retain`, the base checkpoint is the only record of what was dropped:
+    a field added to the state since it was written takes its default."""
+    some_log(tmp_path)
+    want = state(full_replay(tmp_path, CONFIG))
+    checkpoint_at(tmp_path, CONFIG, 20)
+    assert retain.apply(tmp_path, 5, 0.0) == 20
+
+    @dataclasses.dataclass(slots=True, eq=False)
+    class Newer(Message):
+        grown: int = 7  # a field this checkpoint was written without
+
+    monkeypatch.setattr(checkpoint, "shape", lambda: "another")
+    monkeypatch.setitem(checkpoint._ALLOWED, ("outheisfs.models", "Message"), Newer)
+    monkeypatch.setitem(checkpoint.CLASSES, Newer, lambda: None)
+    d, report = restored(tmp_path, CONFIG)
+    assert report.checkpoint == 20
+    loaded = [m for m in d.messages.values() if isinstance(m, Newer)]  # the rest: the tail's
+    assert loaded and all(m.grown == 7 for m in loaded)
+    monkeypatch.undo()
+    assert state(restored(tmp_path, CONFIG)[0]) == want
+    # With the whole log, such a checkpoint is not used: the full replay is exact.
+    other = tmp_path / "whole"
+    other.mkdir()
+    some_log(other)
+    checkpoint_at(other, CONFIG, 20)
+    monkeypatch.setattr(checkpoint, "shape", lambda: "another")
+    assert restored(other, CONFIG)[1].checkpoint == 0
