@@ -509,3 +509,20 @@ def test_a_cut_log_loads_a_checkpoint_of_code_with_fewer_fields(
     checkpoint_at(other, CONFIG, 20)
     monkeypatch.setattr(checkpoint, "shape", lambda: "another")
     assert restored(other, CONFIG)[1].checkpoint == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [('retain = "7d"', True), ('retain = "90s"', True), ("retain = 1000", True),
+     ('retain = "7x"', False), ("retain = 0", False), ("retain = true", False),
+     ("checkpoint_every = 0", False)],
+)  # fmt: skip
+def test_retain_and_checkpoint_every_are_checked_and_named(text: str, ok: bool) -> None:
+    from outheisfs.config import parse_config
+    from outheisfs.errors import ConfigError
+
+    if ok:
+        assert parse_config(text, Path(".")).retain is not None
+    else:
+        with pytest.raises(ConfigError, match=text.split()[0]):
+            parse_config(text, Path("."))
