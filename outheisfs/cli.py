@@ -72,6 +72,7 @@ def build_parser() -> Parser:
     rp = sub.add_parser("replay", help="rebuild the state from the log and print it")
     rp.add_argument("--state", type=Path, default=Path(".outheis"))
     rp.add_argument("--until", type=int)
+    rp.add_argument("--full", action="store_true", help="read the whole log, no checkpoint")
     rp.add_argument("--json", action="store_true")
 
     b = sub.add_parser("bench", help="measure against a minimal pyfuse3 filesystem")
@@ -299,15 +300,19 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
-def replay_state(state: Path, until: int | None) -> dict[str, Any]:
+def replay_state(state: Path, until: int | None, full: bool = False) -> dict[str, Any]:
     """The state as of the end of the log (or of event `until`), for printing."""
     from . import checkpoint
     from .config import Config
+    from .dispatcher import Dispatcher
     from .eventlog import EventLog
     from .progress import Progress
 
     elog = EventLog(state, readonly=True)
-    d, start = checkpoint.restore(state, Config(), elog, until)
+    if full:
+        d, start = Dispatcher(Config(), None), None
+    else:
+        d, start = checkpoint.restore(state, Config(), elog, until)
     line = Progress("replay")  # on a terminal only
     try:
         report = elog.open(
@@ -353,7 +358,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"outheisfs: no event log in {state}", file=sys.stderr)
         return 1
     try:
-        s = replay_state(state, args.until)
+        s = replay_state(state, args.until, args.full)
     except LogDamaged as e:
         print(f"outheisfs: {e}", file=sys.stderr)
         return 1

@@ -136,16 +136,25 @@ def recover(
     replay the log after it (cutting a torn tail), install the config, record the
     mount, and queue again what was in flight."""
     elog = EventLog(state, durability)
+    t0 = time.monotonic()
     try:
         if config.retain is not None:
             retain.apply(state, config.retain, time.time())
         d, start = checkpoint.restore(state, config, elog)
+        t1 = time.monotonic()
         report = elog.open(d.apply, progress=progress, start=start)
     except LogDamaged as e:
         raise MountError(f"event log refused: {e}") from None
     except OSError as e:
         raise MountError(f"event log {elog.path}: {e.strerror}") from None
     d.install_config()
+    log.info(
+        "start-up: checkpoint at seq %d loaded in %.3f s, %d events read in %.3f s",
+        report.checkpoint,
+        t1 - t0,
+        report.events,
+        time.monotonic() - t1,
+    )
     if report.torn:
         offset, size = report.torn
         why = f"torn last record cut off at byte {offset} ({size} bytes)"
