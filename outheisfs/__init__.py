@@ -26,6 +26,7 @@ modules listed below it, and `bench` stands apart):
     checkpoint  the dispatcher's state as of one seq, so that start-up reads only the rest
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
     eventlog    the append-only event log, the single source of truth
+    streamindex agents' log and outbox as an index into the event log, not copies
     events      the event vocabulary: one constructor per event type
     inbox       one agent's queue: priority classes with aging
     procstate   what each agent's processes are doing (state, pids, restarts)

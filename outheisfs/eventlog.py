@@ -27,8 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,18 +36,18 @@ from typing import Any
 
 import trio
 
+from . import streamindex
 from .errors import LogDamaged
 from .events import Event
 from .models import dumps, json_value, now
 from .names import NOBODY, SERVER
+from .streamindex import IDX, RECORD, seq_prefix
 
 log = logging.getLogger(__name__)
 
 NOT_AGENTS = {SERVER, NOBODY}  # who may be the server itself, or a caller attributed to no one
 STREAM_BATCH = 4096  # lines held before their stream index records are written
 MAIN = "events.jsonl"
-IDX = ".idx"  # a stream's index file: streams/NAME.log.idx
-RECORD = struct.Struct("<QQ")  # the stream's size after a line, the line's offset in MAIN
 COMPLETE = ".complete"  # in streams/: the seq all streams hold, and their sizes then
 
 
@@ -170,9 +168,6 @@ class Start:
     streams: dict[str, int] | None = None
 
 
-_SEQ_PREFIX = re.compile(rb'\{"seq":([0-9]+)[,}]')
-
-
 def last_line(fd: int, size: int) -> tuple[int, bytes]:
     """(offset, bytes) of the last complete line of a file that ends with a newline."""
     end = size - 1  # the final newline
@@ -205,12 +200,6 @@ def complete_size(fd: int) -> int:
 def first_seq(fd: int) -> int:
     """The seq of a log file's first line (1 if it cannot be read)."""
     return seq_prefix(os.pread(fd, 256, 0)) or 1
-
-
-def seq_prefix(line: bytes) -> int | None:
-    """The seq a log line begins with (every line the log writes does), or None."""
-    m = _SEQ_PREFIX.match(line)
-    return int(m.group(1)) if m else None
 
 
 def _seq_of(line: bytes) -> int | None:
@@ -375,7 +364,7 @@ class EventLog:
             fd = self._stream_fd(name)
             n = os.fstat(fd).st_size
             whole = n - n % RECORD.size
-            end, last = self._check_index(fd, whole, main_last, complete)
+            end, last = streamindex.check(fd, whole, self._fd, main_last, complete)
             if last < 0:
                 whole, end, last, low = 0, 0, 0, 0  # not lines of the main file: rebuild
             if whole != n:
@@ -400,24 +389,6 @@ class EventLog:
             if all(self._stream_size.get(n, -1) >= size for n, size in sizes.items()):
                 low = max(low, seq)
         return low
-
-    def _check_index(self, fd: int, whole: int, main_last: int, complete: int) -> tuple[int, int]:
-        """(the stream's size, the seq of its last line), or (0, -1) if its last
-        record does not point at a line of the main file."""
-        if whole == 0:
-            return 0, 0
-        end, offset = RECORD.unpack(os.pread(fd, RECORD.size, whole - RECORD.size))
-        before = 0
-        if whole > RECORD.size:
-            before = RECORD.unpack(os.pread(fd, RECORD.size, whole - 2 * RECORD.size))[0]
-        length = end - before
-        if length <= 0 or offset + length > complete:
-            return 0, -1
-        line = os.pread(self._fd, length, offset)
-        seq = seq_prefix(line)
-        if not line.endswith(b"\n") or seq is None or seq > main_last:
-            return 0, -1
-        return end, seq
 
     def _scan(
         self,
@@ -564,11 +535,7 @@ class EventLog:
         except OSError:
             self._stale.add(stream)  # as below
             return
-        end = self._stream_size[stream]
-        for i in range(0, len(lines), 2):
-            end += lines[i]
-            lines[i] = end
-        data = struct.pack(f"<{len(lines)}Q", *lines)
+        data, end = streamindex.records(lines, self._stream_size[stream])
         start = self._stream_bytes[stream]
         try:
             view = memoryview(data)
@@ -626,48 +593,7 @@ class EventLog:
         end = self.size(stream)  # with every line indexed
         if offset >= end or size <= 0:
             return b""
-        return self._read_stream(self._streams[stream], offset, min(end, offset + size))
-
-    def _read_stream(self, fd: int, offset: int, stop: int) -> bytes:
-        """Bytes [offset, stop) of a stream: its lines found by the index, read from
-        the main file, neighbours in one read."""
-        rec = RECORD.size
-
-        def end_of(i: int) -> int:
-            return int(RECORD.unpack(os.pread(fd, rec, i * rec))[0])
-
-        n = os.fstat(fd).st_size // rec
-        lo, hi = 0, n
-        while lo < hi:  # the first line that ends after `offset`
-            mid = (lo + hi) // 2
-            if end_of(mid) > offset:
-                hi = mid
-            else:
-                lo = mid + 1
-        i = lo
-        pos = first = end_of(i - 1) if i else 0
-        parts: list[bytes] = []
-        run_at = run_len = 0
-        while pos < stop and i < n:
-            k = min(n - i, 512)
-            values = struct.unpack(f"<{2 * k}Q", os.pread(fd, k * rec, i * rec))
-            for j in range(0, 2 * k, 2):
-                end, at = values[j], values[j + 1]
-                length = end - pos
-                if run_len and at == run_at + run_len:
-                    run_len += length
-                else:
-                    if run_len:
-                        parts.append(os.pread(self._fd, run_len, run_at))
-                    run_at, run_len = at, length
-                pos = end
-                i += 1
-                if pos >= stop:
-                    break
-        if run_len:
-            parts.append(os.pread(self._fd, run_len, run_at))
-        data = b"".join(parts)
-        return data[offset - first : stop - first]
+        return streamindex.read(self._streams[stream], self._fd, offset, min(end, offset + size))
 
     def close(self) -> None:
         """Make everything durable and close the files. Never raises: the mount

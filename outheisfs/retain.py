@@ -25,17 +25,8 @@ from pathlib import Path
 
 from . import checkpoint
 from .config import retention
-from .eventlog import (
-    COMPLETE,
-    IDX,
-    MAIN,
-    RECORD,
-    EventLog,
-    complete_size,
-    first_seq,
-    last_line,
-    seq_prefix,
-)
+from .eventlog import COMPLETE, MAIN, EventLog, complete_size, first_seq, last_line
+from .streamindex import IDX, RECORD, seq_prefix
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,10 @@ from outheisfs import checkpoint, events, flows, retain
 from outheisfs.config import Config
 from outheisfs.dispatcher import Dispatcher
 from outheisfs.errors import LogDamaged
-from outheisfs.eventlog import RECORD, EventLog
+from outheisfs.eventlog import EventLog
 from outheisfs.models import Draft, Message
 from outheisfs.names import OPERATOR
+from outheisfs.streamindex import RECORD
 
 from .helpers import make_config, open_dispatcher
 

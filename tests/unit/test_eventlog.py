@@ -16,9 +16,10 @@ import pytest
 import trio
 
 from outheisfs.errors import LogDamaged
-from outheisfs.eventlog import IDX, MAIN, RECORD, EventLog, concerned, decode, encode, streams_of
+from outheisfs.eventlog import MAIN, EventLog, concerned, decode, encode, streams_of
 from outheisfs.eventlog import _streams as streams_quick
 from outheisfs.models import dumps
+from outheisfs.streamindex import IDX, RECORD
 
 from .helpers import read_events, tree_bytes
 
