@@ -25,6 +25,7 @@ modules listed below it, and `bench` stands apart):
     retain      a bounded log: events older than the rule and held by a checkpoint go
     checkpoint  the dispatcher's state as of one seq, so that start-up reads only the rest
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
+    grants      owners' grants of read access to their vault domains (state machine part)
     eventlog    the append-only event log, the single source of truth
     streamindex agents' log and outbox as an index into the event log, not copies
     events      the event vocabulary: one constructor per event type

@@ -26,6 +26,7 @@ AckMode = Literal["auto", "explicit"]
 Perms = Literal["r", "w", "rw"]
 FilePerms = Literal["r", "w", "rw", "x"]
 Confine = Literal["required", "best-effort", "off"]
+VaultEvents = Literal["all", "off"]
 NET_RE = re.compile(r"(connect|bind):([0-9]{1,5})")
 PRIORITIES: tuple[Priority, ...] = ("interactive", "normal", "background")
 
@@ -179,6 +180,7 @@ class Config(BaseModel):
             retention(v)
         return v
 
+    vault_events: VaultEvents = "all"  # "off": changes in the vault are not logged
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     vault: dict[str, str] = Field(default_factory=dict)
     # Users whose processes act as the operator, beside the mounting user and root:
