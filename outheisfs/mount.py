@@ -37,6 +37,7 @@ from .progress import Progress
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+PROFILE_ENV = "OUTHEISFS_PROFILE"  # a file: the server's CPU profile (cProfile) at its end
 MAX_TASKS = 10_000  # each parked read or write holds one pyfuse3 worker task
 
 
@@ -181,8 +182,36 @@ async def serve(opts: Options, ready: Ready) -> None:
     check_mountpoint(opts.mountpoint)
     lock_fd = lock_state(opts.state)
     procinfo.raise_nofile()
-    d, elog = recover(opts.config, opts.state, opts.durability, opts.mountpoint, ready.progress)
-    checkpoints = checkpoint.Checkpoints(d, elog, opts.state, opts.config.checkpoint_every)
+    if opts.config.cluster is None:
+        d, elog = recover(opts.config, opts.state, opts.durability, opts.mountpoint, ready.progress)
+        await _serve(opts, ready, d, elog, lock_fd)
+        return
+    from .cluster import node  # only with [cluster]: nothing of NATS is loaded otherwise
+    from .cluster.engine import EngineError
+    from .cluster.hosts import default_host
+
+    host = opts.host or default_host()
+    try:
+        async with node.joined(
+            opts.config, host, opts.state, opts.mountpoint, ready.progress
+        ) as joined:
+            await _serve(opts, ready, joined.d, joined.log, lock_fd, joined.attach)
+    except EngineError as e:
+        raise MountError(f"[cluster]: {e}") from None
+
+
+async def _serve(
+    opts: Options,
+    ready: Ready,
+    d: Dispatcher,
+    elog: EventLog,
+    lock_fd: int,
+    attach: Callable[[Supervisor], Callable[[str], str]] | None = None,
+) -> None:
+    # Checkpoints beside the log file: one host alone (a cluster's log is the stream).
+    checkpoints = None
+    if opts.config.cluster is None:
+        checkpoints = checkpoint.Checkpoints(d, elog, opts.state, opts.config.checkpoint_every)
     procs = ProcEvents()
     table = Processes(opts.config)
     ops = Operations(d, elog, procs, table)
@@ -197,6 +226,10 @@ async def serve(opts: Options, ready: Ready) -> None:
         ops.files.output,
     )
     ops.commands.supervisor = supervisor
+    if attach is not None:
+        # A cluster: the supervisor runs only the agents placed on this host; ctl
+        # shows where each runs.
+        ops.commands.host_of = attach(supervisor)
     # The source shows the state folder: `mount` and `df` tell servers apart.
     options = {fsname(opts.state), "subtype=outheisfs", "noatime"}
     if os.geteuid() == 0:
@@ -226,7 +259,8 @@ async def serve(opts: Options, ready: Ready) -> None:
             nursery.start_soon(fuse_main)
             nursery.start_soon(ops.files.parking.run)
             nursery.start_soon(ops.files.timers)
-            await nursery.start(checkpoints.run)
+            if checkpoints is not None:
+                await nursery.start(checkpoints.run)
             await nursery.start(procs.run)
             await trio.to_thread.run_sync(os.stat, opts.mountpoint / "ctl")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -245,7 +279,8 @@ async def serve(opts: Options, ready: Ready) -> None:
         ops.files.settle_all()  # also when serving failed: before the `umount` event
         d.note(events.umount(str(opts.mountpoint)))
         ops.files.output.close()
-        checkpoints.write_now()  # the next start reads nothing of the log before it
+        if checkpoints is not None:
+            checkpoints.write_now()  # the next start reads nothing of the log before it
         elog.close()
         pyfuse3.close(unmount=True)
         os.ftruncate(lock_fd, 0)  # no pid left behind for someone to signal later
@@ -291,7 +326,13 @@ class Ready:
 def run_foreground(opts: Options, ready_fd: int | None) -> int:
     ready = Ready(ready_fd)
     try:
-        trio.run(serve, opts, ready)
+        profile = os.environ.get(PROFILE_ENV)
+        if profile:  # for measuring only: see docs/performance.md
+            import cProfile
+
+            cProfile.runctx("trio.run(serve, opts, ready)", globals(), locals(), profile)
+        else:
+            trio.run(serve, opts, ready)
     except MountError as e:
         ready.fail(str(e), e.status)  # first: stderr may be a file on a full disk
         try:

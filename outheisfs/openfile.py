@@ -49,11 +49,11 @@ from .errors import (
 from .eventlog import EventLog
 from .events import Event
 from .lines import LineBuffer
-from .models import INFLIGHT, Message, parse_line
+from .models import INFLIGHT, Message, parse_lines
 from .names import OPERATOR
 from .offloop import OffLoop
 from .output import Output
-from .parking import Parking
+from .parking import Parking, Watch
 from .procevents import ProcEvents
 from .tree import Kind, Node, Read, Write
 from .views import View
@@ -96,6 +96,7 @@ class Handle:
     dropped: bool = False  # writer killed by a signal: its unterminated line is void
     counted: int = 0  # bytes of its unterminated line counted against `max_unfinished`
     sent: tuple[str, ...] = ()  # ids of the messages of its last write, see `sent_by`
+    watch: Watch | None = None  # the opener's /proc files, opened at its first wait
     # Lines of one open file are sent in the order written, even when a flush
     # comes while a write waits for room.
     sending: trio.Lock = field(default_factory=trio.Lock)
@@ -274,6 +275,7 @@ class OpenFiles:
                 await self.commands.run(
                     h.who, str(h.node.agent), lines, lambda: self._opener(h), self._drop_held
                 )
+                await self.log.settled()
             else:
                 await self._send(h, lines)
         except OSError as e:
@@ -328,6 +330,9 @@ class OpenFiles:
         (unless its writer was killed), and settle the message it holds."""
         h = self.handles.pop(fh)
         self._forget_poll(h)
+        if h.watch is not None:
+            h.watch.close()
+            h.watch = None
         rest = h.lines.take_rest()
         self._recount(h)
         if rest and not h.dropped:
@@ -401,8 +406,10 @@ class OpenFiles:
                 await self._park(_lot(self._arrived, name), h)
                 continue
             msg = self.d.take(name, h.pid, instance)
+            if msg is not None and await self.log.settled():
+                break  # (in a cluster: unless another reader's delivery came first)
             if msg is not None:
-                break
+                continue
             if h.nonblock:
                 raise WouldBlock("inbox is empty")
             await self._park(_lot(self._arrived, name), h)
@@ -429,9 +436,14 @@ class OpenFiles:
                 e = OverLimit(f"{h.who} has {limit} requests waiting already (max_waiting)")
                 self.access.report(h.who, h.path, e)
                 raise e
+        watch = h.watch
+        if watch is None or watch.lost:  # first wait, or the watched thread is gone
+            if watch is not None:
+                watch.close()
+            watch = h.watch = Watch((h.tid, h.pid) if h.pid else (h.tid,))
         _count(self.waiting, h.who, 1)
         try:
-            woken = await self.parking.park(lot, h.tid, *([h.pid] if h.pid else []))
+            woken = await self.parking.park(lot, watch=watch)
         finally:
             _count(self.waiting, h.who, -1)
         if not woken:
@@ -548,7 +560,7 @@ class OpenFiles:
         owner = str(h.node.agent)
         if outbox and h.who not in (owner, OPERATOR):
             raise NotPermitted(f"only {owner} and the operator send through this outbox")
-        drafts = [parse_line(line, outbox) for line in lines]
+        drafts = parse_lines(lines, outbox)
         sender = owner if outbox else h.who
         held = self._held_by_writer(h, owner) if outbox else ()
         planned = self.d.plan(sender, drafts, None if outbox else owner, held)
@@ -558,6 +570,8 @@ class OpenFiles:
             if h.nonblock:
                 raise WouldBlock(f"inbox of {full.name} is full")
             await self._park(_lot(self._room, full.name), h)
+        if h.nonblock and self.log.away:
+            raise WouldBlock("the event log's engine is out of reach")
         try:
             self.d.deliver(planned)
         except UnicodeEncodeError:  # a "\ud800" escape in JSON: nothing was logged
