@@ -322,7 +322,8 @@ def test_a_batch_of_messages_fills_the_streams_as_one_by_one(
     together, alone = folders
     names = sorted(p.name for p in alone.iterdir())
     assert names == sorted(p.name for p in together.iterdir())
-    assert {"user.log", "echo.log", "user.outbox", "echo.outbox"} <= set(names)
+    want = {"user.log", "echo.log", "user.outbox", "echo.outbox"}
+    assert {n + IDX for n in want} <= set(names)
     for name in names:
         assert (together / name).read_bytes() == (alone / name).read_bytes(), name
 
