@@ -23,6 +23,7 @@ modules listed below it, and `bench` stands apart):
     procevents  forks and exits from the kernel: which agent a process is
     parking     requests that wait, and the signals that end them
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
+    gate        the approval gate: held messages, the operator's approve/reject
     eventlog    the append-only event log, the single source of truth
     events      the event vocabulary: one constructor per event type
     inbox       one agent's queue: priority classes with aging
@@ -35,6 +36,7 @@ modules listed below it, and `bench` stands apart):
     models      messages and envelopes, ids, timestamps
     lines       cutting writes into lines
     config      the TOML configuration, checked with pydantic
+    routing     topics' rules: JSON paths of the envelope, tests, destinations
     operators   who acts as the operator: the mounting user, root, `operators`
     confine     the seccomp filter agent processes run under
     procinfo    what /proc says about a process; exit statuses in words

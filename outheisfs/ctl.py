@@ -136,6 +136,7 @@ def agent_status(
         ("ack", ac.ack if ac else "auto"),
         ("delayed", str(len(agent.delayed))),
         ("dead_letters", str(len(agent.dead_letters))),
+        ("held", str(len(agent.held))),  # waiting for the operator's approval
     ]
     if ac is not None and ac.ack == "explicit":
         rows += [("max_inflight", str(ac.max_inflight)), ("ack_wait", f"{ac.ack_wait:g}")]

@@ -5,6 +5,7 @@ Layout of the state folder:
     events.jsonl          every event, one JSON line each; `seq` rises by one per line
     streams/NAME.log      the events that concern agent NAME (derived)
     streams/NAME.outbox   the messages NAME sent (derived)
+    streams/approvals     the `held` events: messages waiting for the operator (derived)
 
 The root `log` file of the mount serves `events.jsonl` itself, byte for byte, so
 offsets, sizes and `tail -f` come for free. The stream files are indexes that can
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 NOT_AGENTS = {SERVER, NOBODY}  # who may be the server itself, or a caller attributed to no one
 STREAM_BUFFER = 256 << 10  # bytes of stream lines held before they are written
 MAIN = "events.jsonl"
+APPROVALS = "approvals"  # the messages held for the operator's approval (root `approvals`)
 COMPLETE = ".complete"  # in streams/: the seq all streams hold, and their sizes then
 
 
@@ -74,8 +76,10 @@ def streams_of(ev: Event) -> list[str]:
         who = ev.get("who")
         if isinstance(who, str) and who not in NOT_AGENTS:
             out.append(f"{who}.errors")
-    if ev.get("type") == "message":
+    if kind == "message":
         out.append(f"{ev['from']}.outbox")
+    elif kind == "held":
+        out.append(APPROVALS)
     return out
 
 

@@ -30,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from . import flows, procinfo
+from . import flows, gate, procinfo
 from .access import Access
 from .ctl import Commands
 from .dispatcher import Agent, Dispatcher
@@ -142,6 +142,7 @@ class OpenFiles:
         self._arrived: dict[str, trio.lowlevel.ParkingLot] = {}
         self._room: dict[str, trio.lowlevel.ParkingLot] = {}
         self._pollers: dict[str, set[PollHandle]] = {}
+        self._approvals = trio.lowlevel.ParkingLot()  # woken by `held` events
         d.listeners.append(self._applied)
 
     async def timers(self) -> None:
@@ -153,7 +154,9 @@ class OpenFiles:
         kind = ev["type"]
         if kind == "message":
             self._wake_readers(ev["to"])
-        elif kind in ("redeliver", "requeue", "nack", "ack", "dead"):
+        elif kind == "held":  # readers of `approvals` waiting at its end
+            self._approvals.unpark_all()
+        elif kind in ("redeliver", "requeue", "nack", "ack", "dead", "approved"):
             # A message back in the queue, or room under max_inflight.
             self._wake_readers(ev["agent"])
         elif kind == "deliver":
@@ -215,7 +218,24 @@ class OpenFiles:
             return h.snapshot[off : off + size]
         if row.read is Read.OUTPUT:
             return self.output.read(h.node.agent or "", off, size)
-        return self.log.read(row.stream_of(h.node.agent), off, size)
+        stream = row.stream_of(h.node.agent)
+        if row.waits:
+            await self._wait_for_more(h, stream, off)
+        return self.log.read(stream, off, size)
+
+    async def _wait_for_more(self, h: Handle, stream: str | None, off: int) -> None:
+        """A read at the end of a file that waits (`approvals`) parks until the
+        stream grows, as an inbox read waits for a message (EAGAIN with
+        O_NONBLOCK). GNU tail reads a regular file that seems empty to its end
+        before it follows it, and polls by itself after that: it is told the end."""
+        while off >= self.log.size(stream):
+            if h.nonblock:
+                raise WouldBlock("nothing waits for approval beyond this point")
+            if not h.pid:
+                self._learn_opener(h)
+            if procinfo.command_name(h.pid) == "tail":
+                return
+            await self._park(self._approvals, h)
 
     async def write(self, h: Handle, buf: bytes) -> int:
         try:
@@ -262,7 +282,9 @@ class OpenFiles:
         except trio.WouldBlock:
             await h.sending.acquire()
         try:
-            if h.node.row.write is Write.COMMAND:
+            if h.node.row.kind is Kind.ROOT_CTL:
+                gate.run(self.d, h.who, lines)
+            elif h.node.row.write is Write.COMMAND:
                 await self.commands.run(
                     h.who, str(h.node.agent), lines, lambda: self._opener(h), self._drop_held
                 )
@@ -535,7 +557,10 @@ class OpenFiles:
         drafts = [parse_line(line, outbox) for line in lines]
         sender = owner if outbox else h.who
         held = self._held_by_writer(h, owner) if outbox else ()
-        planned = self.d.plan(sender, drafts, None if outbox else owner, held)
+        if h.node.topic is not None:  # topics/NAME: its list and rules pick the inboxes
+            planned = self.d.plan(sender, drafts, None, topic=h.node.topic)
+        else:
+            planned = self.d.plan(sender, drafts, None if outbox else owner, held)
         if outbox and h.who != OPERATOR:
             self._check_routes(owner, planned)
         while (full := self.d.full(planned)) is not None:
@@ -546,7 +571,7 @@ class OpenFiles:
             self.d.deliver(planned)
         except UnicodeEncodeError:  # a "\ud800" escape in JSON: nothing was logged
             raise BadInput("body holds a lone surrogate: not Unicode text") from None
-        h.sent = tuple(ev["id"] for ev in planned)
+        h.sent = tuple(ev["id"] for ev in planned if ev["type"] == "message")
         await self.log.durable()
 
     def sent_by(self, inode: int, tid: int) -> bytes | None:

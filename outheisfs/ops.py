@@ -86,6 +86,7 @@ class Operations(pyfuse3.Operations):
         self.tree = Tree()
         for name in dispatcher.agents:
             self.tree.add_agent(name)
+        self.tree.set_topics(list(dispatcher.topics))
         self.rights = Access(dispatcher, procs)
         self.commands = Commands(dispatcher, procs, self.table, log_.state)
         self.commands.exists = self._exists  # ctl marks grants of paths not there (missing)
@@ -128,6 +129,8 @@ class Operations(pyfuse3.Operations):
         if parts[0] == "vault":
             # Only ctl's "(missing)" mark depends on it: a plain lstat of the backing path.
             return os.path.lexists(self.store.root.joinpath(*parts[1:]))
+        if parts[0] == "topics" and len(parts) == 2:
+            return parts[1] in self.d.topics
         if parts[0] == "agents" and len(parts) > 1:
             if parts[1] != "*" and parts[1] not in self.d.agents:
                 return False
