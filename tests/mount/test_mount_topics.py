@@ -324,7 +324,8 @@ def test_config_errors_name_the_key(server: Server, tmp_path: Path) -> None:
     cases = [
         ('[topics.t]\ndeliver = ["ghost"]\n', "topics.t.deliver: unknown agent 'ghost'"),
         (
-            '[topics.t]\n[[topics.t.rule]]\nmatch = { "body.x" = { regex = "[" } }\ndeliver = ["a"]\n',
+            "[topics.t]\n[[topics.t.rule]]\n"
+            'match = { "body.x" = { regex = "[" } }\ndeliver = ["a"]\n',
             "topics.t.rule.0.match.body.x.regex: bad regular expression",
         ),
         (
