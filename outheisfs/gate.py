@@ -35,6 +35,11 @@ def gated(d: Dispatcher, sender: str, to: str) -> bool:
     return ac is not None and bool(ac.approve) and ac.gated(sender)
 
 
+def in_use(d: Dispatcher) -> bool:
+    """Whether the gate means anything: an agent has `approve`, or a message waits."""
+    return any(a.held or (a.config is not None and a.config.approve) for a in d.agents.values())
+
+
 def hold(d: Dispatcher, planned: list[Event]) -> list[Event]:
     """`planned` message events, each followed by its `held` event if gated."""
     out: list[Event] = []
