@@ -209,6 +209,8 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if name == b".":
             return await self.getattr(parent_inode, ctx)
+        if parent.row.kind is Kind.TOPICS:  # the config's topics (a reload may change them)
+            self.tree.set_topics(list(self.d.topics))
         inode = self.tree.lookup(parent, name.decode(errors="replace"))
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -325,6 +327,8 @@ class Operations(pyfuse3.Operations):
         if self._in_vault(inode):
             return self.vault.readdir(fh, start_id, who, token)
         node = self._node(inode)
+        if node.row.kind is Kind.TOPICS:
+            self.tree.set_topics(list(self.d.topics))
         entries = self.tree.children(node, list(self.d.agents))
         for i, (name, child_inode) in enumerate(entries[start_id:], start_id + 1):
             child = self.tree.node(child_inode)

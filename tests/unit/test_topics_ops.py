@@ -125,3 +125,17 @@ async def test_a_topic_write_fans_out_and_approvals_wait(
     assert await errno_of(env.write("topics/desk", b'{"body":{"n":0}}\n')) == errno.ENOENT
     assert len(env.events("message")) == before
     assert env.events("error")[-1]["where"] == "/topics/desk"
+
+
+async def test_topics_follow_the_config_in_force(tmp_path: Path, envs: list[OpsEnv]) -> None:
+    """A new config (as a reload installs it) shows its topics; a topic gone is ENOENT."""
+    env = make(tmp_path, envs)
+    old = await env.ino("topics/desk")
+    topics = {"alerts": TopicConfig.model_validate({"deliver": ["echo"]})}
+    env.d.config = make_config({"echo": {}, "gated": {}}, topics=topics)
+    env.d.install_config()
+    assert await listing(env, "topics") == ["alerts"]
+    assert await errno_of(env.ino("topics/desk")) == errno.ENOENT
+    assert await errno_of(env.ops.getattr(old, env.ctx)) == errno.ENOENT
+    await env.write("topics/alerts", b"fire\n")
+    assert env.d.agents["echo"].queued == 1
