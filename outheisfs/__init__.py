@@ -24,6 +24,7 @@ modules listed below it, and `bench` stands apart):
     parking     requests that wait, and the signals that end them
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
     gate        the approval gate: held messages, the operator's approve/reject
+    approvals   the root `approvals` file: what waits at the gate, and tail's journal
     eventlog    the append-only event log, the single source of truth
     events      the event vocabulary: one constructor per event type
     inbox       one agent's queue: priority classes with aging

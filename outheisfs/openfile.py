@@ -30,7 +30,7 @@ from typing import Protocol
 
 import trio
 
-from . import flows, gate, procinfo
+from . import approvals, flows, gate, procinfo
 from .access import Access
 from .ctl import Commands
 from .dispatcher import Agent, Dispatcher
@@ -94,6 +94,11 @@ class Handle:
     dropped: bool = False  # writer killed by a signal: its unterminated line is void
     counted: int = 0  # bytes of its unterminated line counted against `max_unfinished`
     sent: tuple[str, ...] = ()  # ids of the messages of its last write, see `sent_by`
+    # approvals: the lines it has shown (held messages), the last hold's seq in them,
+    # and whether its reader follows by size (tail: the journal instead)
+    view: bytes = b""
+    seen: int = 0
+    follows: bool = False
     # Lines of one open file are sent in the order written, even when a flush
     # comes while a write waits for room.
     sending: trio.Lock = field(default_factory=trio.Lock)
@@ -218,24 +223,29 @@ class OpenFiles:
             return h.snapshot[off : off + size]
         if row.read is Read.OUTPUT:
             return self.output.read(h.node.agent or "", off, size)
-        stream = row.stream_of(h.node.agent)
-        if row.waits:
-            await self._wait_for_more(h, stream, off)
-        return self.log.read(stream, off, size)
+        if row.kind is Kind.APPROVALS:
+            return await self._read_approvals(h, off, size)
+        return self.log.read(row.stream_of(h.node.agent), off, size)
 
-    async def _wait_for_more(self, h: Handle, stream: str | None, off: int) -> None:
-        """A read at the end of a file that waits (`approvals`) parks until the
-        stream grows, as an inbox read waits for a message (EAGAIN with
-        O_NONBLOCK). GNU tail reads a regular file that seems empty to its end
-        before it follows it, and polls by itself after that: it is told the end."""
-        while off >= self.log.size(stream):
+    async def _read_approvals(self, h: Handle, off: int, size: int) -> bytes:
+        """What is held now and, at the end, the next hold, waited for as an inbox
+        read waits (EAGAIN with O_NONBLOCK); tail reads the journal (`approvals`)."""
+        if not h.pid:
+            self._learn_opener(h)
+            h.follows = approvals.follows(h.pid)
+        if h.follows:
+            return self.log.read(h.node.row.stream, off, size)
+        while off >= len(h.view):
+            more, h.seen = approvals.pending(self.d, h.seen)
+            h.view += more
+            if off < len(h.view):
+                break
+            if off > len(h.view):
+                return b""
             if h.nonblock:
-                raise WouldBlock("nothing waits for approval beyond this point")
-            if not h.pid:
-                self._learn_opener(h)
-            if procinfo.command_name(h.pid) == "tail":
-                return
+                raise WouldBlock("nothing else waits for approval")
             await self._park(self._approvals, h)
+        return h.view[off : off + size]
 
     async def write(self, h: Handle, buf: bytes) -> int:
         try:

@@ -66,7 +66,6 @@ class Row:
     read: Read = Read.NONE
     write: Write = Write.NONE
     stream: str | None = None  # Read.STREAM: "{agent}.log", or None for the main log
-    waits: bool = False  # Read.STREAM: a read at the end waits for more, as an inbox does
     is_dir: bool = False
     # Open files of this kind bypass the page cache: their content changes
     # behind the kernel's back (growing logs, status) or is a stream (inbox).
@@ -102,8 +101,9 @@ ROOT_ROWS = (
     Row("agents", Kind.AGENTS, 0o770, is_dir=True),
     Row("vault", Kind.VAULT, 0o770, is_dir=True),
     Row("topics", Kind.TOPICS, 0o550, is_dir=True),
-    # the messages held for approval: the operator's only
-    Row("approvals", Kind.APPROVALS, 0o440, "", "", Read.STREAM, stream="approvals", waits=True),
+    # the messages held for approval, the operator's only: read as `approvals` says;
+    # its size is the journal's (the `approvals` stream), which only grows
+    Row("approvals", Kind.APPROVALS, 0o440, "", "", Read.STREAM, stream="approvals"),
 )
 # topics/NAME: write-only, a message written there fans out (the `send` row of a topic)
 TOPIC = Row("", Kind.TOPIC, 0o220, "", "w", Read.NONE, Write.SEND)

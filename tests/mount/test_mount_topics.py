@@ -344,3 +344,31 @@ def test_config_errors_name_the_key(server: Server, tmp_path: Path) -> None:
         assert r.returncode == 2, r.stderr
         assert why in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not os.path.ismount(server.mp)
+
+
+def test_approvals_lists_what_waits_now_and_tail_the_journal(desk: Server) -> None:
+    mp = desk.mp
+    for body in ("a", "b", "c"):
+        desk.send("refunds", body)
+    a, b, c = (m["id"] for m in approvals(desk))
+    # an open file keeps its lines: offsets stay valid while decisions are made
+    fd = os.open(desk.p("approvals"), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        first = os.read(fd, 1 << 16)
+        r = sh(f"echo approve {a} > {mp}/ctl && echo 'reject {c} no' > {mp}/ctl")
+        assert r.returncode == 0, r.stderr
+        with pytest.raises(BlockingIOError):
+            os.read(fd, 1 << 16)
+        assert [json.loads(x)["id"] for x in first.splitlines()] == [a, b, c]
+    finally:
+        os.close(fd)
+    # a new reader sees only what waits: the next to decide is the first line
+    r = sh(f"head -n1 {mp}/approvals | jq -r .id")
+    assert r.stdout.strip() == b, r.stderr
+    assert [m["id"] for m in approvals(desk)] == [b]
+    # tail reads the journal of every hold, which only grows
+    r = sh(f"tail -n 5 {mp}/approvals | jq -r .id")
+    assert r.stdout.split() == [a, b, c]
+    assert os.stat(desk.p("approvals")).st_size == len(
+        sh(f"tail -c +1 {mp}/approvals").stdout.encode()
+    )

@@ -4,7 +4,9 @@
 // so a message read here has been approved by a person.
 //
 // "Paying" appends a line to vault/payouts/ledger.jsonl (the domain is its
-// own) and tells the customer's desk (the operator's mailbox).
+// own) and tells the customer's desk (the operator's mailbox). Delivery is at
+// least once (a request may come twice, e.g. when intake was killed before it
+// acknowledged one), so a ticket already in the ledger is never paid again.
 "use strict";
 const fs = require("fs");
 const path = require("path");
@@ -15,6 +17,12 @@ const outbox = fs.openSync("outbox", fs.constants.O_WRONLY);
 const buf = Buffer.alloc(1 << 20);
 let parts = [];
 
+function paidTickets() {
+  if (!fs.existsSync(ledger)) return new Set();
+  const lines = fs.readFileSync(ledger, "utf8").split("\n").filter(Boolean);
+  return new Set(lines.map((line) => JSON.parse(line).ticket));
+}
+
 for (;;) {
   const n = fs.readSync(inbox, buf, 0, buf.length, null);
   if (n === 0) break;
@@ -24,7 +32,9 @@ for (;;) {
   parts = [];
   const req = typeof msg.body === "object" && msg.body !== null ? msg.body : { text: msg.body };
   const reply = { ticket: req.ticket, customer: req.customer, by: "refunds" };
-  if (typeof req.amount === "number" && req.amount > 0) {
+  if (paidTickets().has(req.ticket)) {
+    reply.answer = "This refund was paid already.";
+  } else if (typeof req.amount === "number" && req.amount > 0) {
     const paid = { ticket: req.ticket, customer: req.customer, amount: req.amount, approved: msg.id, ts: new Date().toISOString() };
     fs.appendFileSync(ledger, JSON.stringify(paid) + "\n");
     reply.paid = req.amount;
