@@ -11,7 +11,8 @@ a condition: a plain value (equality), or a table of tests that must all hold:
     gt = X, lt = X    it is greater / less than X (numbers with numbers, strings
                       with strings; anything else does not compare: no match)
     exists = BOOL     the path is there (or not)
-    regex = "RE"      it is a string that RE matches (Python's re.search)
+    regex = "RE"      it is a string that RE matches (Python's re.search);
+                      `matches`, the plumber's word for it, is the same test
 
 A path that is not there matches nothing (but `exists = false`). JSON types are
 kept apart: `true` is not `1`, `1` is `1.0`. Everything is checked when the
@@ -28,7 +29,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-OPS = ("eq", "in", "gt", "lt", "exists", "regex")
+OPS = ("eq", "in", "gt", "lt", "exists", "regex", "matches")
 _MISSING = object()
 
 
@@ -163,7 +164,7 @@ def _test(path: str, op: str, arg: Any, where: str) -> Test:
     if not isinstance(arg, str):
         raise ConfigError(f"{where}: must be a regular expression (a string)")
     try:
-        return Test(path, op, re.compile(arg))
+        return Test(path, "regex", re.compile(arg))
     except re.error as e:
         raise ConfigError(f"{where}: bad regular expression {arg!r}: {e}") from None
 

@@ -71,6 +71,8 @@ def test_regex_on_strings_only() -> None:
     assert not holds({"body.kind": {"regex": "^fun"}})
     assert not holds({"body.amount": {"regex": "1"}})  # a number is not a string
     assert not holds({"body.missing": {"regex": "."}})
+    assert holds({"body.kind": {"matches": "^ref"}})  # the plumber's word, the same test
+    assert not holds({"body.kind": {"matches": "^fun"}})
 
 
 def test_several_paths_must_all_hold() -> None:
