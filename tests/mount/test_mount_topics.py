@@ -372,3 +372,16 @@ def test_approvals_lists_what_waits_now_and_tail_the_journal(desk: Server) -> No
     assert os.stat(desk.p("approvals")).st_size == len(
         sh(f"tail -c +1 {mp}/approvals").stdout.encode()
     )
+
+
+def test_run_send_gives_the_right_to_write_a_topic(desk: Server) -> None:
+    mp = desk.mp
+    script = f'ls {mp}/topics && echo \'{{"body":{{"severity":3}}}}\' > {mp}/topics/bugs'
+    r = outheisfs("run", "bob", "--mount", str(mp), "--send", "topics/bugs", "--",
+                  "bash", "-c", script)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["bugs"]
+    got = read_one(desk, "dev")
+    assert got["from"] == "bob" and got["topic"] == "bugs"
+    r = outheisfs("run", "bob", "--mount", str(mp), "--send", "topics/nope", "--", "true")
+    assert r.returncode == 2 and "--send 'topics/nope': no such topic" in r.stderr
