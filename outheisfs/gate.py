@@ -7,7 +7,7 @@ usual and, in the same append, a `held` event takes it out of the queue. It
 waits in the agent's `held` table, ordinary dispatcher state, so a replay (or a
 checkpoint of the state) keeps it. The operator writes `approve ID` or
 `reject ID REASON` to the root `ctl`: `approved` puts it in the queue as if just
-sent; `rejected` drops it and sends its sender a notice (a message with
+sent (behind what was sent while it waited, with a fresh age); `rejected` drops it and sends its sender a notice (a message with
 `rejected` and the reason, replying to it). No trio, no FUSE here.
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 from . import events
 from .errors import BadInput, NotFound, NotPermitted
 from .events import Event
-from .models import HELD, is_id, new_id
+from .models import HELD, is_id, new_id, parse_ts
 from .names import OPERATOR
 
 # The dispatcher and its agents, by the attributes used here (as in `flows`).
@@ -67,7 +67,9 @@ def apply(d: Dispatcher, ev: Event) -> None:
         agent.held[msg.id] = msg
     elif kind == "approved":
         msg = agent.held.pop(ev["id"], None)
-        if msg is not None:
+        if msg is not None:  # as if just sent: its place (and seq) in the queue, its age
+            msg.seq = ev["seq"]
+            msg.t = parse_ts(ev["ts"])
             agent.inbox.push(msg)
     elif kind == "rejected" and agent.held.pop(ev["id"], None) is not None:
         d.messages.pop(ev["id"], None)

@@ -149,6 +149,23 @@ def test_held_survive_a_restart_and_a_changed_config(tmp_path: Path) -> None:
     log2.close()
 
 
+def test_approved_is_queued_as_if_just_sent(tmp_path: Path) -> None:
+    d, log = open_dispatcher(tmp_path, config())
+    late = send(d, "intake", "refunds", "held first")[0]["id"]
+    send(d, "intake", "cfo", "unrelated")
+    d.agents["refunds"].config = d.agents["dev"].config  # later messages pass the gate
+    early = send(d, "intake", "refunds", "sent while the other waited")[0]["id"]
+    gate.run(d, "user", [f"approve {late}".encode()])
+    approved = read_events(tmp_path, "approved")[0]["seq"]
+    first, second = d.take("refunds"), d.take("refunds")
+    assert first is not None and second is not None
+    assert (first.id, second.id) == (early, late)
+    assert second.seq == approved and json.loads(second.line())["seq"] == approved
+    live = snapshot(d)
+    log.close()
+    assert snapshot(replayed(tmp_path, config())) == live
+
+
 def test_root_ctl_commands_are_checked_all_first(tmp_path: Path) -> None:
     d, log = open_dispatcher(tmp_path, config())
     a = send(d, "intake", "refunds", "x")[0]["id"]
