@@ -7,8 +7,9 @@ usual and, in the same append, a `held` event takes it out of the queue. It
 waits in the agent's `held` table, ordinary dispatcher state, so a replay (or a
 checkpoint of the state) keeps it. The operator writes `approve ID` or
 `reject ID REASON` to the root `ctl`: `approved` puts it in the queue as if just
-sent (behind what was sent while it waited, with a fresh age); `rejected` drops it and sends its sender a notice (a message with
-`rejected` and the reason, replying to it). No trio, no FUSE here.
+sent (behind what was sent while it waited, with a fresh age); `rejected` drops
+it and sends its sender a notice (a message with `rejected` and the reason,
+replying to it). No trio, no FUSE here.
 """
 
 from __future__ import annotations
