@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_GRACE = 0.5  # seconds a reader that closed may still fail its message
 TIMER_TICK = 0.25  # seconds between looks at ack_wait deadlines and nack delays
+APPROVALS = "/approvals"  # its waiters and pollers, beside the agents' (no name has "/")
 READABLE = select.POLLIN | select.POLLRDNORM
 WRITABLE = select.POLLOUT | select.POLLWRNORM
 
@@ -98,6 +99,7 @@ class Handle:
     # and whether its reader follows by size (tail: the journal instead)
     view: bytes = b""
     seen: int = 0
+    shown: int = 0  # how far it was read
     follows: bool = False
     # Lines of one open file are sent in the order written, even when a flush
     # comes while a write waits for room.
@@ -147,7 +149,6 @@ class OpenFiles:
         self._arrived: dict[str, trio.lowlevel.ParkingLot] = {}
         self._room: dict[str, trio.lowlevel.ParkingLot] = {}
         self._pollers: dict[str, set[PollHandle]] = {}
-        self._approvals = trio.lowlevel.ParkingLot()  # woken by `held` events
         d.listeners.append(self._applied)
 
     async def timers(self) -> None:
@@ -160,7 +161,7 @@ class OpenFiles:
         if kind == "message":
             self._wake_readers(ev["to"])
         elif kind == "held":  # readers of `approvals` waiting at its end
-            self._approvals.unpark_all()
+            self._wake_readers(APPROVALS)
         elif kind in ("redeliver", "requeue", "nack", "ack", "dead", "approved"):
             # A message back in the queue, or room under max_inflight.
             self._wake_readers(ev["agent"])
@@ -244,8 +245,10 @@ class OpenFiles:
                 return b""
             if h.nonblock:
                 raise WouldBlock("nothing else waits for approval")
-            await self._park(self._approvals, h)
-        return h.view[off : off + size]
+            await self._park(_lot(self._arrived, APPROVALS), h)
+        chunk = h.view[off : off + size]
+        h.shown = max(h.shown, off + len(chunk))
+        return chunk
 
     async def write(self, h: Handle, buf: bytes) -> int:
         try:
@@ -383,6 +386,13 @@ class OpenFiles:
                 h.poll = poll_handle
                 self._pollers.setdefault(name, set()).add(poll_handle)
             return mask
+        if h.node.row.kind is Kind.APPROVALS and not h.follows:
+            ready = h.shown < len(h.view) or approvals.pending(self.d, h.seen)[0]
+            if poll_handle is not None:
+                self._forget_poll(h)
+                h.poll = poll_handle
+                self._pollers.setdefault(APPROVALS, set()).add(poll_handle)
+            return READABLE if ready else 0
         if h.read:
             mask |= READABLE
         if h.write:
@@ -390,8 +400,9 @@ class OpenFiles:
         return mask
 
     def _forget_poll(self, h: Handle) -> None:
-        if h.poll is not None and h.node.agent is not None:
-            self._pollers.get(h.node.agent, set()).discard(h.poll)
+        if h.poll is not None:
+            key = APPROVALS if h.node.row.kind is Kind.APPROVALS else h.node.agent
+            self._pollers.get(key or "", set()).discard(h.poll)
         h.poll = None
 
     # -- inbox reading --------------------------------------------------------------------

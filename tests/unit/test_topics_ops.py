@@ -7,6 +7,7 @@ import dataclasses
 import errno
 import json
 import os
+import select
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,3 +140,26 @@ async def test_topics_follow_the_config_in_force(tmp_path: Path, envs: list[OpsE
     assert await errno_of(env.ops.getattr(old, env.ctx)) == errno.ENOENT
     await env.write("topics/alerts", b"fire\n")
     assert env.d.agents["echo"].queued == 1
+
+
+class PollHandle:
+    def __init__(self) -> None:
+        self.notified = 0
+
+    def notify(self) -> None:
+        self.notified += 1
+
+
+async def test_poll_approvals(tmp_path: Path, envs: list[OpsEnv]) -> None:
+    env = make(tmp_path, envs)
+    fh = await env.open("approvals", RD | NB)
+    ino = await env.ino("approvals")
+    ph = PollHandle()
+    assert not await env.ops.poll(ino, fh, ph, env.ctx) & select.POLLIN
+    await env.write("agents/gated/inbox", b"pay\n")
+    assert ph.notified == 1, "a waiting poller is told when a message is held"
+    assert await env.ops.poll(ino, fh, None, env.ctx) & select.POLLIN
+    line = await env.ops.read(fh, 0, 1 << 16)
+    assert json.loads(line)["body"] == "pay"
+    assert not await env.ops.poll(ino, fh, None, env.ctx) & select.POLLIN
+    await env.ops.release(fh)
