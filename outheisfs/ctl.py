@@ -255,7 +255,8 @@ class Commands:
                 raise BadInput(f"{cmd.name}: {one} is not a dead letter of {name}")
         elif cmd.name == "take":
             msg = self.d.messages.get(cmd.args[0])
-            if msg is None or msg.to != name or msg.id in self.d.agents[name].inflight:
+            agent = self.d.agents[name]
+            if msg is None or msg.to != name or msg.id in agent.inflight or msg.id in agent.held:
                 raise NotFound(f"take: {cmd.args[0]} is not queued for {name}")
 
     async def _execute(

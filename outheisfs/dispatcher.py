@@ -24,7 +24,7 @@ from .config import AgentConfig, Config, valid_name
 from .errors import BadInput, Busy, Exists, NotEmpty, NotFound, TooBig
 from .events import Event
 from .inbox import Inbox
-from .models import DEAD, EXTRA, INFLIGHT, QUEUED, Draft, Message, new_id, parse_ts
+from .models import DEAD, EXTRA, HELD, INFLIGHT, QUEUED, Draft, Message, new_id, parse_ts
 from .names import OPERATOR
 from .views import HIDE, View, config_grants, normalize
 
@@ -361,7 +361,7 @@ class Dispatcher:
         acknowledged at once (the operator's ctl `take ID`, used by `outheisfs ask`)."""
         self.agent(name)
         msg = self.messages.get(msg_id)
-        if msg is None or msg.to != name or msg.state == INFLIGHT:
+        if msg is None or msg.to != name or msg.state in (INFLIGHT, HELD):
             raise NotFound(f"take: {msg_id} is not queued for {name}")
         self.record(
             [events.deliver(name, msg_id, msg.delivered + 1), events.ack(name, msg_id, who)]

@@ -11,7 +11,7 @@ import pytest
 from outheisfs import gate
 from outheisfs.config import Config, TopicConfig
 from outheisfs.dispatcher import Dispatcher
-from outheisfs.errors import BadInput, NotFound, NotPermitted
+from outheisfs.errors import BadInput, NotEmpty, NotFound, NotPermitted
 from outheisfs.events import Event
 from outheisfs.models import Draft
 
@@ -188,6 +188,15 @@ def test_root_ctl_commands_are_checked_all_first(tmp_path: Path) -> None:
     log.close()
 
 
+def test_a_held_message_cannot_be_taken(tmp_path: Path) -> None:
+    d, log = open_dispatcher(tmp_path, config())
+    a = send(d, "intake", "refunds", "x")[0]["id"]
+    with pytest.raises(NotFound):
+        d.take_id("refunds", a, "user")
+    assert a in d.agents["refunds"].held and d.agents["refunds"].queued == 0
+    log.close()
+
+
 def test_held_messages_take_no_room_and_block_rmdir(tmp_path: Path) -> None:
     d, log = open_dispatcher(tmp_path, config(max_queue=1))
     send(d, "intake", "refunds", "one")
@@ -195,4 +204,6 @@ def test_held_messages_take_no_room_and_block_rmdir(tmp_path: Path) -> None:
     assert d.full(planned) is None
     d.deliver(planned)
     assert len(d.agents["refunds"].held) == 2
+    with pytest.raises(NotEmpty):
+        d.rmdir("refunds", "user")
     log.close()
