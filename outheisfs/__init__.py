@@ -25,6 +25,7 @@ modules listed below it, and `bench` stands apart):
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
     gate        the approval gate: held messages, the operator's approve/reject
     approvals   the root `approvals` file: what waits at the gate, and tail's journal
+    grants      owners' grants of read access to their vault domains (state machine part)
     eventlog    the append-only event log, the single source of truth
     events      the event vocabulary: one constructor per event type
     inbox       one agent's queue: priority classes with aging

@@ -34,6 +34,8 @@ T = TypeVar("T")
 # Files the server makes belong to its user (root): never setuid, setgid or
 # sticky, never writable by group or others (who could then bypass the server).
 SAFE_MODE = 0o755
+# The mode bits of a file its caller holds open but no longer sees: no write bits.
+HELD_MASK = 0o7555
 
 
 def where(path: str) -> str:
@@ -170,9 +172,16 @@ class VaultOps:
     async def getattr(self, inode: int, who: str) -> pyfuse3.EntryAttributes:
         ino = self._inode(inode)
         st = _do(lambda: self.store.lstat(ino))
-        if who != OPERATOR:
-            self.see(who, ino.path, "stat")
+        if who != OPERATOR and self.perms(who, ino.path) is None:
+            if self._held_open(who, inode):
+                # Out of its view since it opened it (a revoke, a narrowing): the open
+                # file keeps working, and the kernel asks for its attributes to read.
+                return attrs(ino.number, st, HELD_MASK)
+            self.see(who, ino.path, "stat")  # refused: ENOENT and a `denied` event
         return self.entry(who, ino, st)
+
+    def _held_open(self, who: str, inode: int) -> bool:
+        return any(f.who == who and f.ino.number == inode for f in self.store.files.values())
 
     async def access(self, inode: int, mode: int, who: str) -> bool:
         """Exactly what open (and opendir, chdir, exec) would allow this caller."""
