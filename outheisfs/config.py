@@ -27,6 +27,7 @@ AckMode = Literal["auto", "explicit"]
 Perms = Literal["r", "w", "rw"]
 FilePerms = Literal["r", "w", "rw", "x"]
 Confine = Literal["required", "best-effort", "off"]
+VaultEvents = Literal["all", "off"]
 NET_RE = re.compile(r"(connect|bind):([0-9]{1,5})")
 TOPIC_PREFIX = "topics/"  # in `send`: the right to write topics/NAME
 PRIORITIES: tuple[Priority, ...] = ("interactive", "normal", "background")
@@ -180,6 +181,7 @@ class Config(BaseModel):
     max_waiting: int = Field(default=64, ge=1)  # requests parked: blocked reads and writes
     max_unfinished: int = Field(default=16 << 20, ge=64)  # bytes of unterminated lines
     output_max: int = Field(default=10 << 20, ge=4096)  # bytes of agents/NAME/output, rotated
+    vault_events: VaultEvents = "all"  # "off": changes in the vault are not logged
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     vault: dict[str, str] = Field(default_factory=dict)
     topics: dict[str, TopicConfig] = Field(default_factory=dict)
