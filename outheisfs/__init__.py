@@ -22,6 +22,8 @@ modules listed below it, and `bench` stands apart):
     dentries    names the kernel holds: one refused lookup, one `denied` event
     procevents  forks and exits from the kernel: which agent a process is
     parking     requests that wait, and the signals that end them
+    cluster.node   one host of a cluster: the log on the stream, the state folder
+                its cache; cluster.order: what the stream's order lets take effect
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
     gate        the approval gate: held messages, the operator's approve/reject
     approvals   the root `approvals` file: what waits at the gate, and tail's journal
@@ -33,8 +35,8 @@ modules listed below it, and `bench` stands apart):
     vault       the vault's backing folder, reached without following symlinks
     views       who sees what: an agent's view of the tree (unveil)
     tree        the file tree as one table of rows (rights, content), inodes
-    cluster     the layer under the multi-host mode on NATS JetStream (hosts,
-                engine, bridge, local servers, bench); imported only with [cluster]
+    cluster     several hosts on NATS JetStream (hosts, engine, bridge, local
+                servers, bench); imported only with [cluster]
     models      messages and envelopes, ids, timestamps
     lines       cutting writes into lines
     config      the TOML configuration, checked with pydantic

@@ -73,6 +73,8 @@ def build_parser() -> Parser:
     rp.add_argument("--state", type=Path, default=Path(".outheis"))
     rp.add_argument("--until", type=int)
     rp.add_argument("--json", action="store_true")
+    rp.add_argument("--cluster", action="store_true", help="from the [cluster] stream")
+    rp.add_argument("--config", type=Path, help="a config with [cluster]: replay its stream")
 
     b = sub.add_parser("bench", help="measure against a minimal pyfuse3 filesystem")
     b.add_argument("--quick", action="store_true")
@@ -162,13 +164,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.host is not None and not HOST_RE.fullmatch(args.host):
         raise ConfigError(f"--host: {args.host!r} must match {HOST_RE.pattern}")
-    if config.cluster is not None:  # honest until the dispatcher runs on the stream
-        print(
-            "outheisfs: [cluster]: mounting on several hosts is not wired in yet "
-            "(see docs/cluster.md); without the [cluster] table this host mounts alone",
-            file=sys.stderr,
-        )
-        return 1
     durability = args.durability or config.durability
     mp = Path(args.mountpoint or os.environ.get("OUTHEIS_MOUNT") or "mount").absolute()
     state = args.state.absolute()
@@ -313,6 +308,11 @@ def replay_state(state: Path, until: int | None) -> dict[str, Any]:
         report = elog.open(d.apply, until, lambda done, total: line.update(done, total, "bytes"))
     finally:
         line.done()
+    return summary(d, report.events, report.torn)
+
+
+def summary(d: Any, read: int, torn: tuple[int, int] | None = None) -> dict[str, Any]:
+    """A replayed dispatcher's state, for printing."""
     agents: dict[str, Any] = {}
     for name, a in sorted(d.agents.items()):
         agents[name] = {
@@ -325,13 +325,25 @@ def replay_state(state: Path, until: int | None) -> dict[str, Any]:
         }
     return {
         "seq": d.seq,
-        "events": report.events,
-        "torn": None
-        if report.torn is None
-        else {"offset": report.torn[0], "bytes": report.torn[1]},
+        "events": read,
+        "torn": None if torn is None else {"offset": torn[0], "bytes": torn[1]},
         "agents": agents,
         "grants": d.granted,  # grantee -> path -> the owner who granted it (read access)
     }
+
+
+def replay_cluster(config_path: Path | None, until: int | None) -> dict[str, Any]:
+    """The state as of the end of the cluster's stream (or of event `until`)."""
+    import trio
+
+    from .cluster import node
+    from .config import load_config
+
+    config = load_config(config_path)
+    if config.cluster is None:
+        raise ConfigError(f"replay --cluster: {config_path or 'outheis.toml'} has no [cluster]")
+    d = trio.run(node.replay, config, until)
+    return summary(d, d.seq)
 
 
 def _msg(m: Any) -> dict[str, Any]:
@@ -347,15 +359,26 @@ def _msg(m: Any) -> dict[str, Any]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from .config import load_config
+
     state: Path = args.state
-    if not (state / "events.jsonl").exists():
+    if args.cluster or (args.config is not None and load_config(args.config).cluster):
+        from .cluster.engine import EngineError
+
+        try:
+            s = replay_cluster(args.config, args.until)
+        except EngineError as e:
+            print(f"outheisfs: [cluster]: {e}", file=sys.stderr)
+            return 1
+    elif not (state / "events.jsonl").exists():
         print(f"outheisfs: no event log in {state}", file=sys.stderr)
         return 1
-    try:
-        s = replay_state(state, args.until)
-    except LogDamaged as e:
-        print(f"outheisfs: {e}", file=sys.stderr)
-        return 1
+    else:
+        try:
+            s = replay_state(state, args.until)
+        except LogDamaged as e:
+            print(f"outheisfs: {e}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(s))
         return 0

@@ -50,7 +50,7 @@ _outheisfs() {
     mount) opts="--config --state --foreground --durability" ;;
     run) opts="--mount --unveil --send" ;;
     follow) opts="--since --agent --type" ;;
-    replay) opts="--state --until --json" ;;
+    replay) opts="--state --until --json --cluster --config" ;;
     bench) opts="--quick --json" ;;
     trace) opts="--state --mount --json" ;;
     ask) opts="--mount --timeout --json" ;;

@@ -151,6 +151,7 @@ class ClusterConfig(BaseModel):
     stream: str = Field(default="outheis", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     replicas: int = Field(default=3, ge=1, le=5)
     host_timeout: float = Field(default=10.0, gt=0)
+    write_timeout: float = Field(default=30.0, gt=0)  # s: a write not stored by then fails
     credentials: str | None = None  # a NATS .creds file
     tls_ca: str | None = None
     tls_cert: str | None = None

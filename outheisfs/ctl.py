@@ -103,10 +103,12 @@ def agent_status(
     exists: Callable[[str], bool] = lambda path: True,
     granted: tuple[tuple[str, str], ...] = (),
     granted_by: Mapping[str, str] | None = None,
+    host: str | None = None,
 ) -> str:
     """Status lines; a granted path that does not exist (yet) is marked `(missing)`.
     `granted`: the lines of the grants it holds and gave (`grants.status`);
-    `granted_by`: path -> the owner who granted it, marked in the `unveil` line."""
+    `granted_by`: path -> the owner who granted it, marked in the `unveil` line.
+    In a cluster, `host`: where its processes run."""
     by = granted_by or {}
     ac = agent.config
     send = ",".join(ac.send) if ac and ac.send else "-"
@@ -123,6 +125,7 @@ def agent_status(
         ("name", agent.name),
         ("state", proc.state),
         ("pid", pids(proc)),
+        *([("host", host)] if host is not None else []),
         ("priority", agent.priority),
         ("restart", ac.restart if ac else "-"),
         ("restarts", str(proc.restarts)),
@@ -156,12 +159,15 @@ def agent_status(
     return "".join(f"{k} {v}\n" for k, v in rows)
 
 
-def root_status(d: Dispatcher, table: Processes) -> str:
-    """One line per agent: NAME STATE PID PRIORITY QUEUED."""
+def root_status(
+    d: Dispatcher, table: Processes, host_of: Callable[[str], str] | None = None
+) -> str:
+    """One line per agent: NAME STATE PID PRIORITY QUEUED (in a cluster, then HOST)."""
     out = []
     for a in d.agents.values():
         p = table.of(a.name)
-        out.append(f"{a.name} {p.state} {pids(p)} {a.priority} {a.queued}\n")
+        where = "" if host_of is None else f" {host_of(a.name)}"
+        out.append(f"{a.name} {p.state} {pids(p)} {a.priority} {a.queued}{where}\n")
     return "".join(out)
 
 
@@ -178,6 +184,7 @@ class Commands:
         self.supervisor: Supervisor | None = None  # set once the mount runs one
         self.state = state  # for the confinement shown (TMPDIR, the state folder's place)
         self.exists: Callable[[str], bool] = lambda path: True  # whether a path is in the tree
+        self.host_of: Callable[[str], str] | None = None  # in a cluster: where NAME runs
 
     def status(self, name: str | None) -> bytes:
         """What a ctl file reads as now (the root's if `name` is None). An agent
@@ -193,8 +200,9 @@ class Commands:
             agent, proc = self.d.agents[name], self.table.of(name)
             given = tuple(grants.status(self.d, name, self.exists))
             by = self.d.granted.get(name)
-            return agent_status(agent, proc, tuple(rights), self.exists, given, by).encode()
-        return root_status(self.d, self.table).encode()
+            host = None if self.host_of is None else self.host_of(name)
+            return agent_status(agent, proc, tuple(rights), self.exists, given, by, host).encode()
+        return root_status(self.d, self.table, self.host_of).encode()
 
     def policy(self, name: str) -> sandbox.Policy:
         """What agent NAME's processes may touch outside the mount."""
@@ -236,6 +244,9 @@ class Commands:
         if cmd.name in SUPERVISOR:
             if self.supervisor is None or not self.supervisor.supervises(name):
                 raise BadInput(f"agent {name!r} has no command to supervise")
+            placed = self.supervisor.placed  # in a cluster: this host runs it, or another
+            if placed is not None and not placed(name):
+                raise BadInput(f"agent {name!r} runs on another host (see its ctl's host)")
         elif cmd.name == "bind" and name == OPERATOR:
             raise BadInput("bind: 'user' is the operator, not an agent to run as")
         elif cmd.name == "unveil" and name == OPERATOR:

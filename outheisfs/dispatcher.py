@@ -421,13 +421,14 @@ class Dispatcher:
                 # Explicit acks: the holder did not fail, the server stopped.
                 self.retry(msg, "server restarted while in flight", counted=not explicit)
 
-    def mkdir(self, name: str, who: str) -> Agent:
+    def mkdir(self, name: str, who: str) -> Agent | None:
+        """Create an agent; it, or None while its event is on its way (a cluster)."""
         if not valid_name(name):
             raise BadInput(f"agent name {name!r} must match [a-z0-9][a-z0-9_.-]{{0,63}}")
         if name in self.agents:
             raise Exists(f"agent {name!r} exists")
         self.record([events.agent("create", name, who)])
-        return self.agents[name]
+        return self.agents.get(name)
 
     def rmdir(self, name: str, who: str) -> None:
         agent = self.agent(name)

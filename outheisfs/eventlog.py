@@ -465,6 +465,18 @@ class EventLog:
                 self._syncing = None
                 done.set()
 
+    @property
+    def away(self) -> bool:
+        """Whether the log is out of reach now: never for the file. (A cluster's
+        log: while the engine cannot be reached, O_NONBLOCK writes get EAGAIN.)"""
+        return False
+
+    async def settled(self) -> bool:
+        """Whether the caller's last events took effect: on one host they are
+        applied as they are appended, so always. (A cluster's log waits for them
+        to come back from the stream: `cluster.node`.)"""
+        return True
+
     # -- reading -----------------------------------------------------------------------
 
     def size(self, stream: str | None = None) -> int:

@@ -165,7 +165,32 @@ async def serve(opts: Options, ready: Ready) -> None:
     check_mountpoint(opts.mountpoint)
     lock_fd = lock_state(opts.state)
     procinfo.raise_nofile()
-    d, elog = recover(opts.config, opts.state, opts.durability, opts.mountpoint, ready.progress)
+    if opts.config.cluster is None:
+        d, elog = recover(opts.config, opts.state, opts.durability, opts.mountpoint, ready.progress)
+        await _serve(opts, ready, d, elog, lock_fd)
+        return
+    from .cluster import node  # only with [cluster]: nothing of NATS is loaded otherwise
+    from .cluster.engine import EngineError
+    from .cluster.hosts import default_host
+
+    host = opts.host or default_host()
+    try:
+        async with node.joined(
+            opts.config, host, opts.state, opts.mountpoint, ready.progress
+        ) as joined:
+            await _serve(opts, ready, joined.d, joined.log, lock_fd, joined.attach)
+    except EngineError as e:
+        raise MountError(f"[cluster]: {e}") from None
+
+
+async def _serve(
+    opts: Options,
+    ready: Ready,
+    d: Dispatcher,
+    elog: EventLog,
+    lock_fd: int,
+    attach: Callable[[Supervisor], Callable[[str], str]] | None = None,
+) -> None:
     procs = ProcEvents()
     table = Processes(opts.config)
     ops = Operations(d, elog, procs, table)
@@ -180,6 +205,10 @@ async def serve(opts: Options, ready: Ready) -> None:
         ops.files.output,
     )
     ops.commands.supervisor = supervisor
+    if attach is not None:
+        # A cluster: the supervisor runs only the agents placed on this host; ctl
+        # shows where each runs.
+        ops.commands.host_of = attach(supervisor)
     # The source shows the state folder: `mount` and `df` tell servers apart.
     options = {fsname(opts.state), "subtype=outheisfs", "noatime"}
     if os.geteuid() == 0:

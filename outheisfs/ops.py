@@ -375,11 +375,13 @@ class Operations(pyfuse3.Operations):
         try:
             if parent.inode != AGENTS_INODE:
                 raise NotPermitted("only agents/ takes new folders")
-            agent = self.d.mkdir(name.decode(errors="replace"), who)
+            made = name.decode(errors="replace")
+            self.d.mkdir(made, who)
         except OutheisError as e:
             self.rights.report(who, where, e)
             raise
-        return self._attrs(self._node(self.tree.add_agent(agent.name)))
+        await self.log.settled()  # in a cluster: applied once back from the stream
+        return self._attrs(self._node(self.tree.add_agent(made)))
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

@@ -230,6 +230,8 @@ class Supervisor:
         self._changed = trio.Event()
         self.shutting_down = False
         self._spawner = Spawner()
+        # In a cluster: whether the log places an agent on this host (None: alone, all).
+        self.placed: Callable[[str], bool] | None = None
         for name, ac in dispatcher.config.agents.items():
             if ac.command:
                 self.runners[name] = Runner(
@@ -244,7 +246,8 @@ class Supervisor:
             with trio.open_signal_receiver(signal.SIGCHLD) as sigchld:
                 nursery.start_soon(self._reaper, sigchld)
                 for runner in self.runners.values():
-                    await self._start_all(runner)
+                    if self.placed is None or self.placed(runner.name):
+                        await self._start_all(runner)
                 task_status.started()
                 await trio.sleep_forever()
 

@@ -1,8 +1,11 @@
 """Several hosts on one event log kept by NATS JetStream [the `[cluster]` table].
 
-This package is the layer under the cluster mode, imported only when a config
-has a `[cluster]` table (a plain mount never imports it, nor `nats`):
+Imported only when a config has a `[cluster]` table (a plain mount never
+imports it, nor `nats`):
 
+- `node`: one host in the cluster: the dispatcher's log on the stream, the
+  state folder as its cache, the host's life from its claim to its `umount`;
+- `order`: what the stream's order lets take effect (pure, as the dispatcher);
 - `bridge`: the asyncio client (nats-py) run in its own thread, called from trio;
 - `engine`: the stream as the event log: publish with message ids, read in
   order from a `seq`, read the whole stream;
@@ -10,7 +13,7 @@ has a `[cluster]` table (a plain mount never imports it, nor `nats`):
   (a lease in a key-value bucket);
 - `local`: a cluster of `nats-server` processes on this machine, for tests,
   the example and the benchmark;
-- `bench`: the direct nats-py reference figures of `outheisfs bench --cluster`.
+- `bench`: `outheisfs bench --cluster`: direct nats-py figures and outheisfs beside them.
 
 The package itself imports nothing from nats-py; its modules do.
 """

@@ -10,16 +10,28 @@ nats-py on asyncio, no outheisfs and no bridge in between.
    connection, seen by an echo on a second connection (another host), which
    publishes its reply event; the first sees the reply come back in the stream.
 
-The outheisfs rows beside them come when the cluster mode is wired in.
+Beside them, the same two figures through outheisfs: two hosts (`h1`, `h2`)
+mounted on the same servers in a temporary folder, on a stream of their own:
+
+3. writes/s to an inbox over one open file on `h1` (each write returns once its
+   message is stored with the replicas and has come back from the stream);
+4. the echo round trip across the two hosts: the operator on `h1` writes to an
+   echo agent that runs on `h2` and reads the reply from its own inbox on `h1`.
+
+Each outheisfs row is printed with its ratio to the direct one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -30,7 +42,16 @@ from nats.js import JetStreamContext, api
 
 STREAM = "outheisbench"
 SUBJECT = f"{STREAM}.events"
-LABEL = "direct nats-py (reference; the outheisfs rows come with the cluster mode)"
+LABEL = "direct nats-py (reference)"
+FS_STREAM = "outheisbenchfs"
+FS_LABEL = "outheisfs: two hosts mounted on these servers (ratio to the direct row)"
+ECHO = """\
+import json
+with open("inbox") as inbox, open("outbox", "w") as out:
+    for line in inbox:
+        out.write(json.dumps({"body": json.loads(line)["body"]}) + "\\n")
+        out.flush()
+"""
 
 
 @dataclass
@@ -127,6 +148,90 @@ async def roundtrips(urls: list[str], js: JetStreamContext, n: int) -> Row:
     )
 
 
+def _outheisfs(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "outheisfs", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def fs_rows(urls: list[str], replicas: int, quick: bool) -> list[Row]:
+    """Rows 3 and 4: through two outheisfs mounts (see the module's docstring)."""
+    with tempfile.TemporaryDirectory(prefix="outheisbench-") as tmp:
+        root = Path(tmp)
+        (root / "echo.py").write_text(ECHO)
+        config = (
+            f"[cluster]\nservers = {json.dumps(urls)}\nstream = {json.dumps(FS_STREAM)}\n"
+            f"replicas = {replicas}\n\n[agents.sink]\n\n[agents.echo]\n"
+            f'command = ["{sys.executable}", "{root / "echo.py"}"]\nhost = "h2"\n'
+        )
+        mounts: list[Path] = []
+        try:
+            for host in ("h1", "h2"):
+                (root / host / "mnt").mkdir(parents=True)
+                (root / host / "outheis.toml").write_text(config)
+                r = _outheisfs(
+                    "mount", str(root / host / "mnt"), "--config",
+                    str(root / host / "outheis.toml"), "--state", str(root / host / "state"),
+                    "--host", host,
+                )  # fmt: skip
+                if r.returncode != 0:
+                    raise OSError(f"mount {host}: {r.stderr.strip()}")
+                mounts.append(root / host / "mnt")
+            h1 = mounts[0]
+            n = 300 if quick else 2000
+            fd = os.open(h1 / "agents" / "sink" / "inbox", os.O_WRONLY)
+            t0 = time.perf_counter()
+            for i in range(n):
+                os.write(fd, b"a benchmark message %d\n" % i)
+            wall = time.perf_counter() - t0
+            os.close(fd)
+            rows = [Row("fs_writes", "writes/s over one open file", "msg/s", n / wall)]
+            deadline = time.monotonic() + 30
+            while b"echo running" not in (mounts[1] / "ctl").read_bytes():
+                if time.monotonic() > deadline:
+                    raise OSError("the echo agent did not start on h2")
+                time.sleep(0.05)
+            wfd = os.open(h1 / "agents" / "echo" / "inbox", os.O_WRONLY)
+            rfd = os.open(h1 / "agents" / "user" / "inbox", os.O_RDONLY)
+            lat = []
+            try:
+                for _ in range(100 if quick else 1000):
+                    t = time.perf_counter()
+                    os.write(wfd, b"ping\n")
+                    os.read(rfd, 1 << 20)
+                    lat.append(time.perf_counter() - t)
+            finally:
+                os.close(wfd)
+                os.close(rfd)
+            rows.append(
+                Row(
+                    "fs_roundtrip",
+                    "echo round trip h1 -> h2 -> h1, p50 (p99)",
+                    "ms",
+                    pct(lat, 0.5) * 1000,
+                    pct(lat, 0.99) * 1000,
+                )
+            )
+            return rows
+        finally:
+            for mp in mounts:
+                if _outheisfs("umount", str(mp)).returncode != 0:
+                    subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+
+
+async def _forget_fs_stream(urls: list[str]) -> None:
+    nc = await _connect(urls)
+    js = nc.jetstream(timeout=10)
+    try:
+        for name in (FS_STREAM, f"KV_{FS_STREAM}-hosts"):
+            try:
+                await js.delete_stream(name)
+            except nats.js.errors.NotFoundError:
+                pass
+    finally:
+        await nc.close()
+
+
 async def _connect(urls: list[str]) -> Client:
     async def quiet(e: Exception) -> None:  # one line at the end, not a traceback per try
         pass
@@ -153,7 +258,26 @@ async def measure(urls: list[str], quick: bool) -> tuple[int, list[Row]]:
     return replicas, rows
 
 
-def render(urls: list[str], replicas: int, rows: list[Row]) -> str:
+def ratios(direct: list[Row], fs: list[Row]) -> dict[str, float]:
+    """outheisfs against direct: writes as a fraction (higher is better), the round
+    trip's p50 as a multiple (lower is better)."""
+    d = {r.key: r.value for r in direct}
+    f = {r.key: r.value for r in fs}
+    out: dict[str, float] = {}
+    if "fs_writes" in f:
+        out["fs_writes"] = f["fs_writes"] / d["cluster_writes"]
+    if "fs_roundtrip" in f:
+        out["fs_roundtrip"] = f["fs_roundtrip"] / d["cluster_roundtrip"]
+    return out
+
+
+def render(
+    urls: list[str],
+    replicas: int,
+    rows: list[Row],
+    fs: list[Row] | None = None,
+    note: str = "",
+) -> str:
     out = [
         f"outheisfs bench --cluster: {len(urls)} servers, stream with {replicas} replicas",
         LABEL,
@@ -161,6 +285,13 @@ def render(urls: list[str], replicas: int, rows: list[Row]) -> str:
     for r in rows:
         p99 = f" ({r.p99:.2f})" if r.p99 is not None else ""
         out.append(f"  {r.what:48} {r.value:10.2f}{p99} {r.unit}")
+    out.append(FS_LABEL)
+    if note:
+        out.append(f"  not measured: {note}")
+    ratio = ratios(rows, fs or [])
+    for r in fs or []:
+        p99 = f" ({r.p99:.2f})" if r.p99 is not None else ""
+        out.append(f"  {r.what:48} {r.value:10.2f}{p99} {r.unit}  ratio {ratio[r.key]:.2f}")
     return "\n".join(out)
 
 
@@ -172,9 +303,30 @@ def main(urls: list[str], quick: bool, as_json: bool) -> int:
         why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         print(f"outheisfs: bench --cluster {','.join(urls)}: {why}", file=sys.stderr)
         return 1
+    fs: list[Row] = []
+    note = ""
+    try:
+        fs = fs_rows(urls, replicas, quick)
+    except (OSError, subprocess.SubprocessError) as e:
+        note = str(e).splitlines()[0] if str(e) else type(e).__name__
+    finally:
+        try:
+            asyncio.run(_forget_fs_stream(urls))
+        except (nats.errors.Error, OSError, TimeoutError):
+            pass
     if as_json:
         info: dict[str, Any] = {"servers": urls, "replicas": replicas, "label": LABEL}
-        print(json.dumps({**info, "direct": [asdict(r) for r in rows]}))
+        print(
+            json.dumps(
+                {
+                    **info,
+                    "direct": [asdict(r) for r in rows],
+                    "outheisfs": [asdict(r) for r in fs],
+                    "ratios": ratios(rows, fs),
+                    "note": note or None,
+                }
+            )
+        )
     else:
-        print(render(urls, replicas, rows))
+        print(render(urls, replicas, rows, fs, note))
     return 0

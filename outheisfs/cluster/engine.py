@@ -252,8 +252,26 @@ class Engine:
     # -- reading ---------------------------------------------------------------------------
 
     async def last_seq(self) -> int:
+        """The stream's last seq; retried while the servers elect a leader (no
+        responders, timeouts), up to `publish_timeout`."""
+
         async def info() -> int:
-            return (await self.js.stream_info(self.stream)).state.last_seq
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.publish_timeout
+            while True:
+                try:
+                    return (await self.js.stream_info(self.stream)).state.last_seq
+                except (
+                    nats.errors.NoRespondersError,
+                    nats.errors.TimeoutError,
+                    nats.js.errors.ServiceUnavailableError,
+                ):
+                    if loop.time() > deadline:
+                        raise EngineUnavailable(
+                            f"stream {self.stream!r}: JetStream did not answer within "
+                            f"{self.publish_timeout:g} s"
+                        ) from None
+                    await asyncio.sleep(0.2)
 
         return await self.bridge.call(info)
 
@@ -401,8 +419,10 @@ async def open_engine(
     *,
     publish_timeout: float = 30.0,
     bridge: Bridge | None = None,
+    connect_limit: float | None = None,
 ) -> AsyncIterator[Engine]:
-    """Connect, make sure the stream exists with `replicas`, and yield the engine."""
+    """Connect (within `connect_limit`, else `publish_timeout`), make sure the
+    stream exists with `replicas`, and yield the engine."""
     own = bridge is None
     br = Bridge() if bridge is None else bridge
     try:
@@ -410,7 +430,9 @@ async def open_engine(
         async def connect() -> Client:
             # nats-py retries a first connection as long as later ones (for ever): bound it.
             try:
-                return await asyncio.wait_for(nats.connect(**options.kwargs()), publish_timeout)
+                return await asyncio.wait_for(
+                    nats.connect(**options.kwargs()), connect_limit or publish_timeout
+                )
             except (nats.errors.Error, OSError, TimeoutError) as e:
                 raise EngineUnavailable(
                     f"cannot reach the NATS servers {', '.join(options.servers)}: "

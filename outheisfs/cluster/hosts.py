@@ -89,6 +89,23 @@ class Hosts:
     # -- asyncio half ------------------------------------------------------------------
 
     async def _open_bucket(self) -> list[str]:
+        # While the servers elect a leader, JetStream requests find no responder or
+        # time out: try again for a while.
+        deadline = time.monotonic() + CLAIM_WAIT
+        while True:
+            try:
+                return await self._open_bucket_once()
+            except (
+                nats.errors.NoRespondersError,
+                nats.errors.TimeoutError,
+                nats.js.errors.ServiceUnavailableError,
+                nats.js.errors.NoStreamResponseError,
+            ):
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def _open_bucket_once(self) -> list[str]:
         js = self.engine.js
         cfg = api.KeyValueConfig(
             bucket=self.bucket,

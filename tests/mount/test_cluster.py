@@ -420,6 +420,11 @@ def test_bench_cluster_prints_the_direct_nats_py_rows(nats_cluster: LocalCluster
     rows = {row["key"]: row for row in out["direct"]}
     assert rows["cluster_writes"]["value"] > 0
     assert 0 < rows["cluster_roundtrip"]["value"] <= rows["cluster_roundtrip"]["p99"]
+    assert out["note"] is None
+    fs = {row["key"]: row for row in out["outheisfs"]}
+    assert fs["fs_writes"]["value"] > 0
+    assert 0 < fs["fs_roundtrip"]["value"] <= fs["fs_roundtrip"]["p99"]
+    assert set(out["ratios"]) == {"fs_writes", "fs_roundtrip"}
     text = subprocess.run(
         [*BENCH, ",".join(nats_cluster.urls), "--quick"],
         capture_output=True,
@@ -427,7 +432,7 @@ def test_bench_cluster_prints_the_direct_nats_py_rows(nats_cluster: LocalCluster
         timeout=120,
     )
     assert "writes/s, one publish at a time" in text.stdout
-    assert "the outheisfs rows come with the cluster mode" in text.stdout
+    assert "outheisfs: two hosts mounted" in text.stdout and "ratio" in text.stdout
 
 
 def test_bench_cluster_without_servers_is_one_line() -> None:

@@ -117,17 +117,6 @@ def test_a_plain_mount_imports_nothing_of_the_cluster(tmp_path: Path) -> None:
     assert r.stdout.strip() == "[]"
 
 
-def test_mount_with_cluster_says_it_is_not_wired_in_yet(tmp_path: Path) -> None:
-    (tmp_path / "mp").mkdir()
-    (tmp_path / "c.toml").write_text('[cluster]\nservers = ["nats://127.0.0.1:9"]\n')
-    r = outheisfs(
-        "mount", str(tmp_path / "mp"), "--config", str(tmp_path / "c.toml"), "--host", "h1"
-    )
-    assert r.returncode == 1
-    assert r.stderr.count("\n") == 1 and "not wired in yet" in r.stderr
-    assert not (tmp_path / ".outheis").exists() and not list((tmp_path / "mp").iterdir())
-
-
 def test_mount_host_must_be_a_valid_name(tmp_path: Path) -> None:
     r = outheisfs("mount", str(tmp_path / "mp"), "--host", "a/b")
     assert r.returncode == 2

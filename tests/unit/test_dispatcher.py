@@ -361,7 +361,8 @@ def test_full(env: Env) -> None:
 def test_mkdir(env: Env) -> None:
     d = env.open()
     a = d.mkdir("new.agent_1-x", "user")
-    assert a.name in d.agents and Processes(d.config).of(a.name).state == "external"
+    assert a is not None and a.name in d.agents
+    assert Processes(d.config).of(a.name).state == "external"
     send(d, "user", "new.agent_1-x", "hi")
     assert d.agents["new.agent_1-x"].queued == 1
     for existing in ("new.agent_1-x", "echo", "user"):
