@@ -27,6 +27,8 @@ modules listed below it, and `bench` stands apart):
     retain      a bounded log: events older than the rule and held by a checkpoint go
     checkpoint  the dispatcher's state as of one seq, so that start-up reads only the rest
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
+    gate        the approval gate: held messages, the operator's approve/reject
+    approvals   the root `approvals` file: what waits at the gate, and tail's journal
     grants      owners' grants of read access to their vault domains (state machine part)
     eventlog    the append-only event log, the single source of truth
     streamindex agents' log and outbox as an index into the event log, not copies
@@ -41,6 +43,7 @@ modules listed below it, and `bench` stands apart):
     models      messages and envelopes, ids, timestamps
     lines       cutting writes into lines
     config      the TOML configuration, checked with pydantic
+    routing     topics' rules: JSON paths of the envelope, tests, destinations
     operators   who acts as the operator: the mounting user, root, `operators`
     confine     the seccomp filter agent processes run under
     procinfo    what /proc says about a process; exit statuses in words

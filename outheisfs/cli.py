@@ -328,6 +328,7 @@ def summary(
             "priority": a.priority,
             "queued": [_msg(m) for m in a.inbox.messages()],
             "inflight": [_msg(m) for m in a.inflight.values()],
+            "held": [_msg(m) for m in a.held.values()],  # waiting for approval
             "delivered": a.delivered,
             "dead": a.dead,
         }
@@ -404,7 +405,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"{a['delivered']:9} {a['dead']:5}"
         )
     for name, a in s["agents"].items():
-        for label in ("inflight", "queued"):
+        for label in ("inflight", "queued", "held"):
             for m in a[label]:
                 body = json.dumps(m["body"])
                 body = body if len(body) <= 60 else body[:57] + "..."

@@ -9,13 +9,14 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import ConfigError
 from .names import OPERATOR
 from .operators import Operators
+from .routing import Topic, compile_topic
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
 HOST_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")  # a subject token or dotted tokens
@@ -28,6 +29,7 @@ FilePerms = Literal["r", "w", "rw", "x"]
 Confine = Literal["required", "best-effort", "off"]
 VaultEvents = Literal["all", "off"]
 NET_RE = re.compile(r"(connect|bind):([0-9]{1,5})")
+TOPIC_PREFIX = "topics/"  # in `send`: the right to write topics/NAME
 PRIORITIES: tuple[Priority, ...] = ("interactive", "normal", "background")
 
 
@@ -72,6 +74,12 @@ class AgentConfig(BaseModel):
     files: dict[str, FilePerms] = Field(default_factory=dict)  # host paths beyond the defaults
     net: list[str] | Literal["all"] = Field(default_factory=list)  # TCP it may use
     host: str | list[str] | None = None  # with [cluster]: where its processes run
+    # Messages to it from these senders ("*": anyone) wait for the operator's approval.
+    approve: list[str] | Literal["*"] = Field(default_factory=list)
+
+    def gated(self, sender: str) -> bool:
+        """Whether a message from `sender` waits for the operator's approval."""
+        return self.approve == "*" or "*" in self.approve or sender in self.approve
 
     @field_validator("host")
     @classmethod
@@ -130,6 +138,27 @@ class AgentConfig(BaseModel):
         return v
 
 
+class RuleConfig(BaseModel):
+    """`[[topics.NAME.rule]]`: further destinations of the messages it matches."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    match: dict[str, Any] = Field(default_factory=dict)
+    deliver: list[str] = Field(min_length=1)
+
+
+class TopicConfig(BaseModel):
+    """`[topics.NAME]`: shown as `topics/NAME`; what is written there fans out."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    deliver: list[str] = Field(default_factory=list)
+    rule: list[RuleConfig] = Field(default_factory=list)
+
+    def compiled(self, name: str) -> Topic:
+        return compile_topic(name, self.deliver, ((r.match, r.deliver) for r in self.rule))
+
+
 class ClusterConfig(BaseModel):
     """`[cluster]`: several hosts on one event log kept by NATS JetStream."""
 
@@ -184,6 +213,7 @@ class Config(BaseModel):
     vault_events: VaultEvents = "all"  # "off": changes in the vault are not logged
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     vault: dict[str, str] = Field(default_factory=dict)
+    topics: dict[str, TopicConfig] = Field(default_factory=dict)
     # Users whose processes act as the operator, beside the mounting user and root:
     operators: list[str | int] = Field(default_factory=list)
     cluster: ClusterConfig | None = None
@@ -206,9 +236,17 @@ class Config(BaseModel):
                     "must name the host(s) its processes run on"
                 )
             for target in agent.send:
-                if target != "*" and target != OPERATOR and target not in self.agents:
+                if target.startswith(TOPIC_PREFIX):
+                    if target.removeprefix(TOPIC_PREFIX) not in self.topics:
+                        raise ConfigError(f"agents.{name}.send: unknown topic {target!r}")
+                elif target != "*" and target != OPERATOR and target not in self.agents:
                     raise ConfigError(f"agents.{name}.send: unknown agent {target!r}")
+            if agent.approve != "*":
+                for sender in agent.approve:
+                    if sender not in ("*", OPERATOR) and sender not in self.agents:
+                        raise ConfigError(f"agents.{name}.approve: unknown agent {sender!r}")
         self.check_vault()
+        self.check_topics()
         Operators.resolve(self.operators)  # an unknown user or group names the key
 
     def check_vault(self) -> None:
@@ -220,6 +258,21 @@ class Config(BaseModel):
                     f"vault.{domain}: unknown owner agent {owner!r} "
                     '(an agent of the config, or "user" for the operator)'
                 )
+
+    def check_topics(self) -> None:
+        """Names, rules (their tests compiled) and destinations, checked at mount."""
+        for name, topic in self.topics.items():
+            if not valid_name(name):
+                raise ConfigError(f"topics.{name}: topic name must match {NAME_RE.pattern}")
+            topic.compiled(name)
+            keys = [(f"topics.{name}.deliver", topic.deliver)]
+            keys += [
+                (f"topics.{name}.rule.{i}.deliver", r.deliver) for i, r in enumerate(topic.rule)
+            ]
+            for key, targets in keys:
+                for target in targets:
+                    if target != OPERATOR and target not in self.agents:
+                        raise ConfigError(f"{key}: unknown agent {target!r}")
 
 
 def _key_path(loc: tuple[int | str, ...]) -> str:

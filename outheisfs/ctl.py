@@ -150,6 +150,7 @@ def agent_status(
         ("ack", ac.ack if ac else "auto"),
         ("delayed", str(len(agent.delayed))),
         ("dead_letters", str(len(agent.dead_letters))),
+        ("held", str(len(agent.held))),  # waiting for the operator's approval
     ]
     if ac is not None and ac.ack == "explicit":
         rows += [("max_inflight", str(ac.max_inflight)), ("ack_wait", f"{ac.ack_wait:g}")]
@@ -280,7 +281,8 @@ class Commands:
                 raise BadInput(f"{cmd.name}: {one} is not a dead letter of {name}")
         elif cmd.name == "take":
             msg = self.d.messages.get(cmd.args[0])
-            if msg is None or msg.to != name or msg.id in self.d.agents[name].inflight:
+            agent = self.d.agents[name]
+            if msg is None or msg.to != name or msg.id in agent.inflight or msg.id in agent.held:
                 raise NotFound(f"take: {cmd.args[0]} is not queued for {name}")
 
     async def _execute(

@@ -5,6 +5,7 @@ Layout of the state folder:
     events.jsonl              every event, one JSON line each; `seq` rises by one per line
     streams/NAME.log.idx      where the events that concern agent NAME are (derived)
     streams/NAME.outbox.idx   where the messages NAME sent are (derived)
+    streams/approvals.idx     where the `held` events are: messages waiting for the operator
 
 The root `log` file of the mount serves `events.jsonl` itself, byte for byte, so
 offsets, sizes and `tail -f` come for free. An agent's `log`, `outbox` and
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 NOT_AGENTS = {SERVER, NOBODY}  # who may be the server itself, or a caller attributed to no one
 STREAM_BATCH = 4096  # lines held before their stream index records are written
 MAIN = "events.jsonl"
+APPROVALS = "approvals"  # the messages held for the operator's approval (root `approvals`)
 COMPLETE = ".complete"  # in streams/: the seq all streams hold, and their sizes then
 
 
@@ -81,8 +83,10 @@ def streams_of(ev: Event) -> list[str]:
         who = ev.get("who")
         if isinstance(who, str) and who not in NOT_AGENTS:
             out.append(f"{who}.errors")
-    if ev.get("type") == "message":
+    if kind == "message":
         out.append(f"{ev['from']}.outbox")
+    elif kind == "held":
+        out.append(APPROVALS)
     return out
 
 

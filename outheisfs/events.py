@@ -21,8 +21,17 @@ Event = dict[str, Any]
 # -- messages --------------------------------------------------------------------------
 
 
-def message(id: str, sender: str, to: str, priority: str, body: Any, reply_to: str | None) -> Event:
-    return {
+def message(
+    id: str,
+    sender: str,
+    to: str,
+    priority: str,
+    body: Any,
+    reply_to: str | None,
+    **extra: str,
+) -> Event:
+    """`extra`: `topic` (written to topics/NAME), `rejected` (a rejection notice)."""
+    ev: Event = {
         "type": "message",
         "id": id,
         "from": sender,
@@ -31,6 +40,30 @@ def message(id: str, sender: str, to: str, priority: str, body: Any, reply_to: s
         "body": body,
         "reply_to": reply_to,
         "attempt": 1,
+    }
+    return ev | extra if extra else ev
+
+
+def held(msg: Event) -> Event:
+    """A message event's message waits for the operator (the approval gate); the
+    event repeats its envelope, so that `approvals` shows what is to be judged."""
+    keep = ("id", "from", "to", "priority", "body", "reply_to", "topic")
+    return {"type": "held", "agent": msg["to"]} | {k: msg[k] for k in keep if k in msg}
+
+
+def approved(agent: str, id: str, who: str) -> Event:
+    return {"type": "approved", "agent": agent, "id": id, "who": who}
+
+
+def rejected(agent: str, id: str, who: str, reason: str, notice: str) -> Event:
+    """`notice`: the id of the message that tells the sender."""
+    return {
+        "type": "rejected",
+        "agent": agent,
+        "id": id,
+        "who": who,
+        "reason": reason,
+        "notice": notice,
     }
 
 
