@@ -12,6 +12,7 @@ modules listed below it, and `bench` stands apart):
     mount       the server's life: checks, replay, mount, serve, clean stop
     run         `outheisfs run`: a command bound to an agent
     follow      `outheisfs follow`: the log as it grows, across remounts
+    reload      `outheisfs reload`, SIGHUP: the config again, only the difference applied
     ops         the pyfuse3 adapter: one documented handler per FUSE request
     vaultops    the vault's requests, with owners and views (the vault's adapter)
     openfile    an open agent file: reads, writes, parked requests, close grace
@@ -22,6 +23,8 @@ modules listed below it, and `bench` stands apart):
     dentries    names the kernel holds: one refused lookup, one `denied` event
     procevents  forks and exits from the kernel: which agent a process is
     parking     requests that wait, and the signals that end them
+    readers     which instances wait idle on their inbox; retired ones take nothing
+    scaling     how many instances a pool that sizes itself runs: the pure rule
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
     eventlog    the append-only event log, the single source of truth
     events      the event vocabulary: one constructor per event type

@@ -53,6 +53,7 @@ from .names import OPERATOR
 from .output import Output
 from .parking import Parking
 from .procevents import ProcEvents
+from .readers import Readers
 from .tree import Kind, Node, Read, Write
 from .views import View
 
@@ -136,6 +137,7 @@ class OpenFiles:
         self.waiting: dict[str, int] = {}  # requests parked
         self.unfinished: dict[str, int] = {}  # bytes of unterminated lines
         self.parking = Parking()
+        self.readers = Readers()  # instances waiting idle on their inbox (pools that shrink)
         self.nursery: trio.Nursery | None = None  # where settlements wait out the grace
         self.settling: dict[Message, Settling] = {}
         # Woken when a message arrives / when room frees up, per agent.
@@ -264,7 +266,7 @@ class OpenFiles:
         try:
             if h.node.row.write is Write.COMMAND:
                 await self.commands.run(
-                    h.who, str(h.node.agent), lines, lambda: self._opener(h), self._drop_held
+                    h.who, h.node.agent, lines, lambda: self._opener(h), self._drop_held
                 )
             else:
                 await self._send(h, lines)
@@ -389,12 +391,23 @@ class OpenFiles:
                     raise WouldBlock(f"{name} holds {cap} messages unacked (max_inflight)")
                 await self._park(_lot(self._arrived, name), h)
                 continue
+            if self.readers.retired(name, instance):
+                # Chosen to stop while idle: it takes nothing more; its signal ends this.
+                await self._park(trio.lowlevel.ParkingLot(), h)
+                continue
             msg = self.d.take(name, h.pid, instance)
             if msg is not None:
                 break
             if h.nonblock:
                 raise WouldBlock("inbox is empty")
-            await self._park(_lot(self._arrived, name), h)
+            if instance is None:
+                await self._park(_lot(self._arrived, name), h)
+                continue
+            self.readers.wait(name, instance)
+            try:
+                await self._park(_lot(self._arrived, name), h)
+            finally:
+                self.readers.done(name, instance)
         await self.log.durable()
         if explicit:  # reading acks nothing; the holder acks by id
             h.taken = [(m, a) for m, a in h.taken if m.state == INFLIGHT and m.delivered == a]
