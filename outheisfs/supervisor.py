@@ -392,6 +392,10 @@ class Supervisor:
             self._nursery.start_soon(self._exited, runner, inst, early)
 
     def _update(self, runner: Runner) -> None:
+        if self.runners.get(runner.name) is not runner:  # replaced or removed by a reload
+            self._changed.set()
+            self._changed = trio.Event()
+            return
         agent = runner.proc
         agent.pids = sorted(i.pid for i in runner.instances.values() if i.pid)
         if agent.pids:
