@@ -13,6 +13,7 @@ modules listed below it, and `bench` stands apart):
     run         `outheisfs run`: a command bound to an agent
     follow      `outheisfs follow`: the log as it grows, across remounts
     reload      `outheisfs reload`, SIGHUP: the config again, only the difference applied
+    pools       pools that size themselves: the service that applies `scaling`
     ops         the pyfuse3 adapter: one documented handler per FUSE request
     vaultops    the vault's requests, with owners and views (the vault's adapter)
     openfile    an open agent file: reads, writes, parked requests, close grace

@@ -31,6 +31,7 @@ from .eventlog import EventLog
 from .mounts import fsname, hint
 from .names import SERVER, XATTR_PID
 from .ops import Operations
+from .pools import Pools
 from .procevents import ProcEvents
 from .procstate import Processes
 from .progress import Progress
@@ -219,6 +220,7 @@ async def serve(opts: Options, ready: Ready) -> None:
             await trio.to_thread.run_sync(os.stat, opts.mountpoint / "ctl")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 await nursery.start(supervisor.run)
+                nursery.start_soon(Pools(d, supervisor).run)
                 ready.ok()
                 async for signum in sigs:
                     if signum == signal.SIGHUP:  # read the config again, as daemons do

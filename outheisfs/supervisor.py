@@ -37,7 +37,7 @@ from typing import TypeVar
 
 import trio
 
-from . import events, flows, procinfo, sandbox, scaling
+from . import events, flows, procinfo, sandbox
 from .config import MAX_INSTANCES, AgentConfig
 from .dispatcher import Agent, Dispatcher
 from .errors import BadInput
@@ -54,7 +54,6 @@ BACKOFF_MAX = 5.0
 COOLDOWN_MAX = 600.0  # the longest cool-down of a failed agent
 STOPPING_KEEP = 30.0  # seconds a stop by the supervisor explains a reader's death
 NICE_BACKGROUND = 10
-SCALE_TICK = 0.2  # seconds between looks at the pools that size themselves
 T = TypeVar("T")
 
 
@@ -250,7 +249,6 @@ class Supervisor:
                 nursery.start_soon(self._reaper, sigchld)
                 for runner in self.runners.values():
                     await self._start_all(runner)
-                nursery.start_soon(self._autoscale)
                 task_status.started()
                 await trio.sleep_forever()
 
@@ -612,48 +610,35 @@ class Supervisor:
             if i in runner.instances and i not in busy and not runner.instances[i].retiring
         }
 
-    async def _autoscale(self) -> None:
-        while not self.shutting_down:
-            await trio.sleep(SCALE_TICK)
-            for runner in list(self.runners.values()):
-                if runner.config.pool and runner.wanted and runner.proc.state == "running":
-                    await self._scale(runner)
+    def idle(self, name: str) -> dict[int, float]:
+        """NAME's instances that wait on the empty inbox holding nothing: since when."""
+        runner, agent = self.runners.get(name), self.d.agents.get(name)
+        return {} if runner is None or agent is None else self._idle(runner, agent)
 
-    async def _scale(self, runner: Runner) -> None:
-        """One step of a pool that sizes itself (see `scaling`), if one is due."""
-        name, ac = runner.name, runner.config
-        agent = self.d.agents.get(name)
-        if agent is None or self.shutting_down:
-            return
-        now = time.monotonic()
-        oldest = agent.inbox.oldest()
-        age = None if oldest is None else max(0.0, time.time() - oldest.t)
-        idle = self._idle(runner, agent)
-        current = agent.instances
-        target = scaling.decide(now, age, idle, current, ac.floor, ac.ceiling, ac.after, ac.idle)
-        if target > current:
-            index = self._free(runner, 1)[0]
-            why = scaling.why_grow(age or 0.0, ac.after) if current >= ac.floor else "below min"
-            try:
-                self.d.record([events.scale(name, current, target, index, why)])
-            except OSError:
-                return  # not logged: not done
-            await self._spawn(runner, index)
-        elif target < current:
-            victim = scaling.pick(now, idle, ac.idle)
-            inst = runner.instances.get(victim) if victim is not None else None
-            if inst is None or not self.readers.retire(name, inst.index):
-                return
-            inst.retiring = True
-            why = scaling.why_shrink(now, idle[inst.index])
-            try:
-                self.d.record([events.scale(name, current, target, inst.index, why)])
-            except OSError:
-                inst.retiring = False
-                self.readers.forget(name, inst.index)
-                return
-            assert self._nursery is not None
-            self._nursery.start_soon(self._end_tree, {inst.label})
+    async def grow(self, name: str, want: int, why: str) -> None:
+        """One more instance of NAME (a pool that sizes itself): a `scale` event."""
+        runner, agent = self._runner(name), self.d.agents[name]
+        index = self._free(runner, 1)[0]
+        self.d.record([events.scale(name, agent.instances, want, index, why)])
+        await self._spawn(runner, index)
+
+    def shrink(self, name: str, index: int, want: int, why: str) -> bool:
+        """Stop instance `index` of NAME if it waits idle (a `scale` event): it is
+        retired first, so it takes nothing more before its signal."""
+        runner, agent = self._runner(name), self.d.agents[name]
+        inst = runner.instances.get(index)
+        if inst is None or not self.readers.retire(name, index):
+            return False
+        inst.retiring = True
+        try:
+            self.d.record([events.scale(name, agent.instances, want, index, why)])
+        except OSError:  # not logged: not done
+            inst.retiring = False
+            self.readers.forget(name, index)
+            raise
+        assert self._nursery is not None
+        self._nursery.start_soon(self._end_tree, {inst.label})
+        return True
 
     # -- a reload ---------------------------------------------------------------------
 
