@@ -15,7 +15,7 @@ while (( got < n )); do                           # the answers come to the oper
     if (( got % 50 == 0 )); then echo "$got answers; $(grep ^instances "$ctl")"; fi
 done
 end=$(date +%s.%N)
-echo "$n jobs in $(echo "$end - $start" | bc) s"
+echo "$n jobs in $(awk "BEGIN { printf \"%.2f\", $end - $start }") s"
 echo "waiting for the pool to shrink back to min ..."
 until grep -q '^instances 1 ' "$ctl"; do sleep 0.5; done
 grep ^instances "$ctl"

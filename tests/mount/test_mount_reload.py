@@ -236,3 +236,7 @@ def test_a_pool_grows_under_a_burst_and_shrinks_when_idle(server: Server) -> Non
     assert not server.events("redeliver")
     assert len([e for e in server.events("deliver") if e["agent"] == "worker"]) == 200
     print(f"200 jobs in {took:.2f} s")
+    # The example's own script does the same from a shell.
+    r = sh(f"bash {example / 'burst.sh'} 40 {server.mp}", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "40 jobs in " in r.stdout and "instances 1 (1..4)" in r.stdout.splitlines()
