@@ -90,7 +90,11 @@ class Dispatcher:
         as the one in force and install the agents it added, changed or resized."""
         self.record([ev])
         self.config = config
+        running = {n: self.agents[n].instances for n in ev["resized"] if n in self.agents}
         self.install_config([*ev["added"], *ev["changed"], *ev["resized"]])
+        for name, n in running.items():  # resized: the count it runs, within the new bounds
+            ac = config.agents[name]
+            self.agents[name].instances = min(max(n, ac.floor), ac.ceiling)
         for name in ev["removed"]:
             agent = self.agents.get(name)
             if agent is not None:

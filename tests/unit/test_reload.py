@@ -163,3 +163,21 @@ async def test_a_retired_idle_reader_takes_no_message(env: OpsEnv) -> None:
         nursery.cancel_scope.cancel()
     await env.ops.release(fh)
     assert env.d.agents["echo"].queued == 1
+
+
+def test_a_resized_pool_keeps_the_count_it_runs_within_its_new_bounds(tmp_path: Path) -> None:
+    pool = {"command": ["a"], "instances": {"min": 1, "max": 4}}
+    d, log = open_dispatcher(tmp_path, make_config({"p": pool, "q": pool, "f": {"instances": 2}}))
+    d.record([events.scale("p", 1, 3, 2, "waited"), events.scale("q", 1, 4, 3, "waited")])
+    new = make_config(
+        {
+            "p": {"command": ["a"], "instances": {"min": 1, "max": 8}},
+            "q": {"command": ["a"], "instances": {"min": 1, "max": 2}},
+            "f": {"instances": 5},
+        }
+    )
+    ch = diff(d.config, new)
+    assert sorted(ch.resized) == ["f", "p", "q"] and not ch.changed
+    d.reconfigure(new, events.reload("user", "x", ch.fields([]), {}))
+    assert [d.agents[n].instances for n in ("p", "q", "f")] == [3, 2, 5]
+    log.close()

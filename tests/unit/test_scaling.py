@@ -196,3 +196,79 @@ def test_oldest_is_the_first_sent_of_any_class(tmp_path: Path) -> None:
     oldest = d.agents["w"].inbox.oldest()
     assert oldest is not None and oldest.id == first["id"]
     log.close()
+
+
+# -- the service's step, with a supervisor that only records -----------------------------
+
+
+class FakeRunner:
+    def __init__(self, config: object) -> None:
+        self.config = config
+
+
+class FakeSupervisor:
+    def __init__(self, runners: dict[str, FakeRunner], idle: dict[int, float]) -> None:
+        self.runners = runners
+        self.shutting_down = False
+        self._idle = idle
+        self.steps: list[tuple[str, ...]] = []
+
+    def idle(self, name: str) -> dict[int, float]:
+        return self._idle
+
+    async def grow(self, name: str, want: int, why: str) -> None:
+        self.steps.append(("grow", name, str(want), why))
+
+    def shrink(self, name: str, index: int, want: int, why: str) -> bool:
+        self.steps.append(("shrink", name, str(index), str(want)))
+        return True
+
+
+async def test_a_step_grows_a_waiting_pool_and_shrinks_an_idle_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time as time_
+
+    from outheisfs.pools import Pools
+
+    from .helpers import send
+
+    pool = {"command": ["x"], "instances": {"min": 1, "max": 3}, "scale_after": 0.5}
+    cfg = make_config({"w": pool, "v": {**pool, "scale_idle": 2.0}})
+    d, log = open_dispatcher(tmp_path, cfg)
+    send(d, "user", "w", "job")
+    d.agents["v"].instances = 2
+    sup = FakeSupervisor({n: FakeRunner(cfg.agents[n]) for n in ("w", "v")}, {1: 0.0})
+    pools = Pools(d, sup)  # type: ignore[arg-type]
+    monkeypatch.setattr(time_, "monotonic", lambda: 100.0)
+    await pools.step("w")  # the job has waited a moment only
+    assert sup.steps == []
+    real = time_.time
+    monkeypatch.setattr(time_, "time", lambda: real() + 1.0)
+    await pools.step("w")
+    assert sup.steps[0][:3] == ("grow", "w", "2")
+    assert sup.steps[0][3].startswith("oldest queued message waited 1.")
+    await pools.step("v")  # nothing queued, instance 1 idle for 100 s
+    assert sup.steps[1] == ("shrink", "v", "1", "1")
+    log.close()
+
+
+def test_instances_n_of_a_pool_stays_within_its_bounds(tmp_path: Path) -> None:
+    from outheisfs.procevents import ProcEvents
+
+    cfg = make_config({"w": {"command": ["x"], "instances": {"min": 2, "max": 3}}})
+    d, log = open_dispatcher(tmp_path, cfg)
+    procs = ProcEvents()
+    commands = ctl.Commands(d, procs, Processes(cfg), tmp_path)
+    commands.supervisor = type("S", (), {"supervises": lambda self, n: True})()
+    commands.check("user", "w", ctl.parse("instances 3"))
+    for n in ("1", "4"):
+        with pytest.raises(BadInput) as e:
+            commands.check("user", "w", ctl.parse(f"instances {n}"))
+        assert e.value.reason == f"instances: {n} is outside the pool's 2..3"
+    from outheisfs.errors import NotPermitted
+
+    with pytest.raises(NotPermitted):
+        commands.check("w", "w", ctl.parse("instances 3"))
+    procs.close()
+    log.close()
