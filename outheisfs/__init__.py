@@ -27,6 +27,7 @@ modules listed below it, and `bench` stands apart):
     readers     which instances wait idle on their inbox; retired ones take nothing
     scaling     how many instances a pool that sizes itself runs: the pure rule
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
+    grants      owners' grants of read access to their vault domains (state machine part)
     eventlog    the append-only event log, the single source of truth
     events      the event vocabulary: one constructor per event type
     inbox       one agent's queue: priority classes with aging

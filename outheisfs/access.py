@@ -97,6 +97,15 @@ class Access:
             return View(NOBODY, {}).perms(path)
         return View(who, agent.grants).perms(path)
 
+    def perms_now(self, who: str) -> Callable[[str], str | None]:
+        """`perms` of `who` as its grants are now: a pure function of the path,
+        which a worker thread may call while the loop changes the grants."""
+        if who == OPERATOR:
+            return lambda path: "rw"
+        agent = self.d.agents.get(who)
+        view = View(NOBODY, {}) if agent is None else View(who, dict(agent.grants))
+        return view.perms
+
     def visible(self, who: str, path: str, op: str) -> str:
         """The perms of a path the caller may see; Hidden (ENOENT, `denied`) if not."""
         perms = self.perms(who, path)

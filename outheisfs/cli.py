@@ -379,6 +379,7 @@ def replay_state(state: Path, until: int | None) -> dict[str, Any]:
         if report.torn is None
         else {"offset": report.torn[0], "bytes": report.torn[1]},
         "agents": agents,
+        "grants": d.granted,  # grantee -> path -> the owner who granted it (read access)
     }
 
 
@@ -427,4 +428,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                     f"  {name} {label} seq {m['seq']} {m['id']} from {m['from']} "
                     f"{m['priority']} attempts {m['attempts']}: {body}"
                 )
+    for grantee, given in sorted(s["grants"].items()):
+        for path, owner in sorted(given.items()):
+            print(f"  {grantee} unveil {path} r (granted by {owner})")
     return 0

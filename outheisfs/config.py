@@ -35,6 +35,7 @@ AckMode = Literal["auto", "explicit"]
 Perms = Literal["r", "w", "rw"]
 FilePerms = Literal["r", "w", "rw", "x"]
 Confine = Literal["required", "best-effort", "off"]
+VaultEvents = Literal["all", "off"]
 NET_RE = re.compile(r"(connect|bind):([0-9]{1,5})")
 PRIORITIES: tuple[Priority, ...] = ("interactive", "normal", "background")
 
@@ -232,6 +233,7 @@ class Config(BaseModel):
     max_waiting: int = Field(default=64, ge=1)  # requests parked: blocked reads and writes
     max_unfinished: int = Field(default=16 << 20, ge=64)  # bytes of unterminated lines
     output_max: int = Field(default=10 << 20, ge=4096)  # bytes of agents/NAME/output, rotated
+    vault_events: VaultEvents = "all"  # "off": changes in the vault are not logged
     agents: dict[str, AgentConfig] = Field(default_factory=dict)
     vault: dict[str, str] = Field(default_factory=dict)
     # Users whose processes act as the operator, beside the mounting user and root:

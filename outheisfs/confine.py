@@ -17,6 +17,11 @@ processes, reach other processes, or watch the mount:
   outside the tracer's domain).
 - `inotify_*` and `fanotify_*` (EPERM): a watch on a folder of the mount would
   name entries the agent may not see. Tools fall back to polling (`tail -f`).
+- `io_uring_setup`, `io_uring_enter`, `io_uring_register` (ENOSYS, as on a
+  kernel without io_uring, so programs fall back to plain system calls): a ring
+  does its work without the system calls this filter sees (IORING_OP_SOCKET
+  makes any socket, a netlink connector one included). Landlock still rules
+  what a ring would open or connect to; the filter's socket rules would not hold.
 - Unless the agent has `net = "all"`: every socket but a TCP one (EACCES).
   Landlock (up to ABI 7) rules TCP ports but neither UDP, raw, packet or
   netlink sockets (a root agent could reconfigure the host's network), nor
@@ -78,16 +83,27 @@ class Arch:
     gone: tuple[int, ...] = ()  # ENOSYS
 
 
+# io_uring_setup, _enter, _register (one number on every architecture): a ring
+# makes sockets, connects and opens without the system calls the filter sees.
+URING = (425, 426, 427)
+
 ARCHES = {
     "x86_64": [
         # ptrace, process_vm_readv/writev, kcmp, pidfd_getfd; inotify_init/_add_watch/_init1;
         # fanotify_init/_mark
-        Arch(AUDIT_X86_64, 56, 435, 41, (101, 310, 311, 312, 438, 253, 254, 294, 300, 301)),
+        Arch(AUDIT_X86_64, 56, 435, 41, (101, 310, 311, 312, 438, 253, 254, 294, 300, 301), URING),
         Arch(  # i386
-            0x40000003, 120, 435, 359, (26, 347, 348, 349, 438, 291, 292, 332, 338, 339), (102,)
+            0x40000003,
+            120,
+            435,
+            359,
+            (26, 347, 348, 349, 438, 291, 292, 332, 338, 339),
+            (102, *URING),
         ),
     ],
-    "aarch64": [Arch(0xC00000B7, 220, 435, 198, (117, 270, 271, 272, 438, 26, 27, 262, 263))],
+    "aarch64": [
+        Arch(0xC00000B7, 220, 435, 198, (117, 270, 271, 272, 438, 26, 27, 262, 263), URING)
+    ],
 }
 
 Insn = tuple[int, int | str, int | str, int]  # code, jt, jf, k; jumps may name a label

@@ -9,11 +9,11 @@ methods; `bind` labels the writing process as the agent.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import events, flows, landlock, sandbox
+from . import events, flows, grants, landlock, sandbox
 from .config import MAX_INSTANCES, PRIORITIES
 from .dispatcher import Agent, Dispatcher
 from .errors import BadInput, NotFound, NotPermitted
@@ -40,6 +40,8 @@ COMMANDS: dict[str, tuple[int, int, str]] = {
     "progress": (1, 1, "progress ID"),
     "requeue": (1, 1, "requeue ID|all"),
     "purge": (1, 1, "purge ID|all"),
+    "grant": (3, 3, "grant AGENT PATH r"),
+    "revoke": (2, 2, "revoke AGENT PATH"),
     "instances": (1, 1, f"instances N (1 to {MAX_INSTANCES})"),
 }
 # What a usage error adds for commands that take no argument.
@@ -118,13 +120,21 @@ def agent_status(
     proc: ProcState,
     confinement: tuple[tuple[str, str], ...] = (),
     exists: Callable[[str], bool] = lambda path: True,
+    granted: tuple[tuple[str, str], ...] = (),
+    granted_by: Mapping[str, str] | None = None,
 ) -> str:
-    """Status lines; a granted path that does not exist (yet) is marked `(missing)`."""
+    """Status lines; a granted path that does not exist (yet) is marked `(missing)`.
+    `granted`: the lines of the grants it holds and gave (`grants.status`);
+    `granted_by`: path -> the owner who granted it, marked in the `unveil` line."""
+    by = granted_by or {}
     ac = agent.config
     send = ",".join(ac.send) if ac and ac.send else "-"
     unveil = (
         ",".join(
-            f"{p}:{m}" + ("" if exists(p) else "(missing)") for p, m in sorted(agent.grants.items())
+            f"{p}:{m}"
+            + ("" if exists(p) else "(missing)")
+            + (f"(granted by {by[p]})" if p in by else "")
+            for p, m in sorted(agent.grants.items())
         )
         or "-"
     )
@@ -141,6 +151,7 @@ def agent_status(
         ("dead", str(agent.dead)),
         ("send", send),
         ("unveil", unveil),
+        *granted,
         *confinement,
     ]
     if ac is not None:
@@ -208,7 +219,9 @@ class Commands:
         if name:
             rights = sandbox.describe(self.policy(name), landlock.abi())
             agent, proc = self.d.agents[name], self.table.of(name)
-            return agent_status(agent, proc, tuple(rights), self.exists).encode()
+            given = tuple(grants.status(self.d, name, self.exists))
+            by = self.d.granted.get(name)
+            return agent_status(agent, proc, tuple(rights), self.exists, given, by).encode()
         return root_status(self.d, self.table).encode()
 
     def policy(self, name: str) -> sandbox.Policy:
@@ -292,6 +305,8 @@ class Commands:
                     flows.held(self.d, name, cmd.args[0], self.instance(pid, name), who != OPERATOR)
                 except BadInput as e:
                     raise BadInput(f"{cmd.name}: {e.reason}") from None
+        elif cmd.name in grants.COMMANDS:
+            grants.check(self.d, who, name, cmd.name, cmd.args)
         elif cmd.name in DEAD:
             if who not in (name, OPERATOR):
                 raise NotPermitted(f"only {name} and the operator handle its dead letters")
@@ -316,6 +331,10 @@ class Commands:
             self.d.record([events.ctl(name, who, f"bind {pid}")])
             self.procs.label(pid, name)
             self.table.of(name).bound.add(pid)
+            return
+        if cmd.name in grants.COMMANDS:  # the command and the change it makes, logged together
+            change = grants.event(self.d, who, name, cmd.name, cmd.args)
+            self.d.record([events.ctl(name, who, str(cmd)), change])
             return
         self.d.record([events.ctl(name, who, str(cmd))])
         if cmd.name in SUPERVISOR:

@@ -19,14 +19,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import events, flows
+from . import events, flows, grants
 from .config import AgentConfig, Config, valid_name
 from .errors import BadInput, Busy, Exists, NotEmpty, NotFound, TooBig
 from .events import Event
 from .inbox import Inbox
 from .models import DEAD, INFLIGHT, QUEUED, Draft, Message, new_id, parse_ts
 from .names import OPERATOR
-from .views import HIDE, View, config_grants, normalize
+from .views import HIDE, View, normalize
 
 if TYPE_CHECKING:  # only its type: the log and its trio-based waiting stay apart
     from .eventlog import EventLog
@@ -66,6 +66,8 @@ class Dispatcher:
         self.received: dict[str, tuple[str, str]] = {}
         self.taken_back: dict[str, set[int | None]] = {}
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
+        # What owners of vault domains granted: grantee -> path -> owner (`grants`).
+        self.granted: grants.Granted = {}
         # Told of every event applied live (not in replay), after it is applied.
         self.listeners: list[Callable[[Event], None]] = []
         self._add(OPERATOR, None, "builtin")
@@ -82,8 +84,11 @@ class Dispatcher:
             agent.config = ac
             agent.origin = "config"
             agent.priority = ac.priority
-            agent.grants = config_grants(self.config, name)
             agent.instances = ac.floor
+        grants.prune(self)  # a grant lapses with its giver's ownership of the domain
+        for name in self.config.agents:
+            if names is None or name in names:
+                self.agents[name].grants = self.base_grants(name)
 
     def reconfigure(self, config: Config, ev: Event) -> None:
         """A reload: log `ev` (its `reload` event: what changed), then take `config`
@@ -107,10 +112,14 @@ class Dispatcher:
             priority=ac.priority if ac else "normal",
             inbox=Inbox(self.config.aging),
             origin=origin,
-            grants=config_grants(self.config, name),
+            grants=self.base_grants(name),
         )
         self.agents[name] = agent
         return agent
+
+    def base_grants(self, name: str) -> dict[str, str]:
+        """The view an agent (re)starts with: its config's, and what owners granted it."""
+        return grants.base(self, name)
 
     def agent(self, name: str) -> Agent:
         try:
@@ -184,6 +193,7 @@ class Dispatcher:
                     self._add(ev["agent"], None, "mkdir")
             else:
                 self.agents.pop(ev["agent"], None)
+                grants.forget(self, ev["agent"])
         elif kind == "mount":
             # The agents of the config in force; a mount resets their priorities.
             # Agents of an older config that are gone from this one, and hold no
@@ -193,6 +203,7 @@ class Dispatcher:
                 idle = not agent.queued and not agent.inflight and not agent.delayed
                 if agent.origin == "config" and name not in current and idle:
                     del self.agents[name]
+                    grants.forget(self, name)
             for name, prio in current.items():
                 agent = self.agents.get(name) or self._add(name, None, "config")
                 agent.origin = "config"
@@ -226,16 +237,18 @@ class Dispatcher:
             elif words[0] == "instances":
                 target.instances = int(words[1])
             elif words[0] == "bind":
-                target.grants = config_grants(self.config, target.name)
+                target.grants = self.base_grants(target.name)
             elif words[0] == "unveil":
                 target.grants = self._unveiled(target, ev["who"], words[1], words[2])
         elif kind == "start":
-            # A (re)started process sees what its config grants, nothing narrowed.
+            # A (re)started process sees what its config and the owners grant, nothing narrowed.
             started = self.agents.get(ev["agent"])
             if started is not None:
-                started.grants = config_grants(self.config, started.name)
+                started.grants = self.base_grants(started.name)
         elif kind in flows.EVENTS:
             flows.apply(self, ev)
+        elif kind in grants.EVENTS:
+            grants.apply(self, ev)
 
     def _unveiled(self, agent: Agent, who: str, path: str, perms: str) -> dict[str, str]:
         if who == agent.name:

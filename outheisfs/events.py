@@ -62,6 +62,16 @@ def ctl(agent: str, who: str, command: str) -> Event:
     return {"type": "ctl", "agent": agent, "who": who, "command": command}
 
 
+def grant(owner: str, who: str, to: str, path: str, perms: str) -> Event:
+    """`owner` gives agent `to` the right `perms` on `path` (written by `who`)."""
+    return {"type": "grant", "agent": owner, "who": who, "to": to, "path": path, "perms": perms}
+
+
+def revoke(owner: str, who: str, to: str, path: str) -> Event:
+    """`owner` takes back what it granted agent `to` on `path` (written by `who`)."""
+    return {"type": "revoke", "agent": owner, "who": who, "to": to, "path": path}
+
+
 def mount(mountpoint: str, pid: int, durability: str, agents: Mapping[str, str]) -> Event:
     return {
         "type": "mount",

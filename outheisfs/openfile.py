@@ -21,6 +21,7 @@ refusals leave as `OutheisError`.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import select
 import time
@@ -50,6 +51,7 @@ from .events import Event
 from .lines import LineBuffer
 from .models import INFLIGHT, Message, parse_line
 from .names import OPERATOR
+from .offloop import OffLoop
 from .output import Output
 from .parking import Parking
 from .procevents import ProcEvents
@@ -98,6 +100,10 @@ class Handle:
     # Lines of one open file are sent in the order written, even when a flush
     # comes while a write waits for room.
     sending: trio.Lock = field(default_factory=trio.Lock)
+    # flush: the last count of the opener's copies, begun at tick `holds_at`
+    # (see `OpenFiles._opener_holds`).
+    holds_at: int = 0
+    holds: bool = False
 
     @property
     def path(self) -> str:
@@ -138,6 +144,8 @@ class OpenFiles:
         self.unfinished: dict[str, int] = {}  # bytes of unterminated lines
         self.parking = Parking()
         self.readers = Readers()  # instances waiting idle on their inbox (pools that shrink)
+        self.offloop = OffLoop()  # counting a closer's descriptors, per agent
+        self._ticks = itertools.count(1)
         self.nursery: trio.Nursery | None = None  # where settlements wait out the grace
         self.settling: dict[Message, Settling] = {}
         # Woken when a message arrives / when room frees up, per agent.
@@ -291,8 +299,16 @@ class OpenFiles:
 
     async def _flush(self, h: Handle) -> None:
         st = self._opener_stat(h)
+        if h.lines.partial and st is not None and not st.exiting:
+            if await self._opener_holds(h):
+                # A copy was closed while the opener still has the file open for
+                # writing: bash's `printf ... >&3` closes a dup of fd 3, a child
+                # that inherited the file exits. The line may go on; it waits.
+                return
+            st = self._opener_stat(h)  # it may have begun to exit while counted
         if st is not None and st.exiting:
-            # The opener is exiting: its status is final and tells how [FUSE notes].
+            # The opener is exiting: its status is final and tells how
+            # (docs/design.md, "Who closes").
             code = st.exit_code
             if h.msg is not None:
                 self._settle_now(h, code)
@@ -301,11 +317,6 @@ class OpenFiles:
             if h.lines.partial and procinfo.killed_by_signal(code):
                 h.lines.reset()
                 h.dropped = True
-        elif h.lines.partial and st is not None and self._opener_holds(h):
-            # A copy was closed while the opener still has the file open for
-            # writing: bash's `printf ... >&3` closes a dup of fd 3, a child that
-            # inherited the file exits. The line may go on; it waits.
-            return
         if h.lines.partial:
             rest = h.lines.take_rest()
             try:
@@ -451,21 +462,26 @@ class OpenFiles:
             self._learn_opener(h)
         return h.pid
 
-    def _opener_holds(self, h: Handle) -> bool:
+    async def _opener_holds(self, h: Handle) -> bool:
         """Whether the opener may still hold a copy of this open file: it has more
         descriptors open for writing on the file than its other open files of it
         (each of which has one at least). /proc cannot tell which open file a
-        descriptor belongs to, so this counts."""
-        opener = h.pid or procinfo.tgid(h.tid)
-        others = sum(
-            1
-            for o in self.handles.values()
-            if o is not h
-            and o.write
-            and o.node.inode == h.node.inode
-            and (o.pid or procinfo.tgid(o.tid)) == opener
-        )
-        return procinfo.writers_of(opener, h.node.inode, h.path) > others
+        descriptor belongs to, so this counts.
+
+        The count costs in proportion to the opener's descriptors, which it
+        controls: it runs on a worker thread, one at a time per agent. A close
+        whose count has not begun when an earlier one ends is answered by the
+        next count (the kernel takes a descriptor away before it tells of its
+        close, so a count begun later sees this close too): thousands of closes
+        at once make two counts, not thousands."""
+        asked = next(self._ticks)
+        async with self.offloop.turn(h.who):
+            if h.holds_at > asked:
+                return h.holds
+            h.holds_at = next(self._ticks)
+            handles = list(self.handles.values())
+            h.holds = await self.offloop.run(lambda: _copies_held(h, handles))
+            return h.holds
 
     def _opener_stat(self, h: Handle) -> procinfo.Stat | None:
         st = procinfo.stat(h.tid)
@@ -612,6 +628,20 @@ class OpenFiles:
         for hd in self.handles.values():
             if hd.msg is not None and hd.node.agent == name and msg_id in (None, hd.msg.id):
                 hd.msg, hd.rest = None, b""
+
+
+def _copies_held(h: Handle, handles: list[Handle]) -> bool:
+    """See `OpenFiles._opener_holds`; reads /proc, so off the event loop."""
+    opener = h.pid or procinfo.tgid(h.tid)
+    others = sum(
+        1
+        for o in handles
+        if o is not h
+        and o.write
+        and o.node.inode == h.node.inode
+        and (o.pid or procinfo.tgid(o.tid)) == opener
+    )
+    return procinfo.writers_of(opener, h.node.inode, h.path, others + 1) > others
 
 
 async def _timers_loop(files: OpenFiles) -> None:

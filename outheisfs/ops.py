@@ -94,7 +94,9 @@ class Operations(pyfuse3.Operations):
         self.store = Store(log_.state / "vault", VAULT_INODE)
         for domain in dispatcher.config.vault:
             (self.store.root / domain).mkdir(exist_ok=True)
-        self.vault = VaultOps(dispatcher, dispatcher.config, self.rights, self.store, fhs)
+        self.vault = VaultOps(
+            dispatcher, dispatcher.config, self.rights, self.store, fhs, self.files.offloop
+        )
         self._fhs = fhs
         self.dirs: dict[int, tuple[int, str]] = {}  # open folders: fh -> (inode, who)
         self.uid = os.getuid()
@@ -291,7 +293,7 @@ class Operations(pyfuse3.Operations):
         False; an entry outside the opener's view is absent."""
         inode, who = self.dirs[fh]
         if self._in_vault(inode):
-            return self.vault.readdir(fh, start_id, who, token)
+            return await self.vault.readdir(fh, start_id, who, token)
         node = self._node(inode)
         entries = self.tree.children(node, list(self.d.agents))
         for i, (name, child_inode) in enumerate(entries[start_id:], start_id + 1):

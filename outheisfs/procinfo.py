@@ -55,11 +55,12 @@ def tgid(tid: int) -> int:
     return tid
 
 
-def writers_of(tid: int, ino: int, suffix: str) -> int:
+def writers_of(tid: int, ino: int, suffix: str, at_most: int | None = None) -> int:
     """How many descriptors the process of TID has open for writing on the file
-    numbered `ino` whose path ends with `suffix`. Only /proc is read (the links'
-    text and fdinfo), never the file itself: asking the mount from its own
-    server would wait for itself."""
+    numbered `ino` whose path ends with `suffix`, counting no further than
+    `at_most`. Only /proc is read (the links' text and fdinfo), never the file
+    itself: asking the mount from its own server would wait for itself. The cost
+    grows with the process's descriptors: call it off the event loop."""
     base = f"/proc/{tid}"
     try:
         fds = os.listdir(f"{base}/fd")
@@ -74,6 +75,8 @@ def writers_of(tid: int, ino: int, suffix: str) -> int:
                 info = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
             if int(info[b"ino"]) == ino and int(info[b"flags"], 8) & (os.O_WRONLY | os.O_RDWR):
                 n += 1
+                if n == at_most:
+                    break
         except (OSError, KeyError, ValueError):
             continue
     return n

@@ -295,13 +295,13 @@ class Store:
         self._maybe_drop(f.ino)
 
     def listdir(self, ino: Inode) -> list[str]:
+        return names_in(self.open_folder(ino))
+
+    def open_folder(self, ino: Inode) -> int:
+        """A descriptor to list the folder with (`names_in` reads and closes it)."""
         self.fd(ino)
         flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-        fd = os.open(ino.proc(), flags) if ino.parent else os.dup(ino.fd)
-        try:
-            return sorted(os.listdir(fd))
-        finally:
-            os.close(fd)
+        return os.open(ino.proc(), flags) if ino.parent else os.dup(ino.fd)
 
     def mkdir(self, parent: Inode, name: str, mode: int) -> None:
         os.mkdir(name, mode, dir_fd=self.fd(parent))
@@ -374,3 +374,12 @@ class Store:
 def domain_of(path: str) -> str | None:
     """The top-level folder a vault path lies in; None for the vault root itself."""
     return path.split("/", 1)[0] if path else None
+
+
+def names_in(fd: int) -> list[str]:
+    """The sorted names of the folder open as `fd`, which is closed. Its cost grows
+    with the folder, which its owner controls: call it off the event loop."""
+    try:
+        return sorted(os.listdir(fd))
+    finally:
+        os.close(fd)

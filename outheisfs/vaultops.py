@@ -26,14 +26,17 @@ from .config import Config
 from .dispatcher import Dispatcher
 from .errors import OutheisError
 from .names import OPERATOR
+from .offloop import OffLoop
 from .operators import is_stranger
-from .vault import NAME_MAX, Inode, Listing, Store, VaultFile, domain_of
+from .vault import NAME_MAX, Inode, Listing, Store, VaultFile, domain_of, names_in
 
 RENAME_NOREPLACE = 1
 T = TypeVar("T")
 # Files the server makes belong to its user (root): never setuid, setgid or
 # sticky, never writable by group or others (who could then bypass the server).
 SAFE_MODE = 0o755
+# The mode bits of a file its caller holds open but no longer sees: no write bits.
+HELD_MASK = 0o7555
 
 
 def where(path: str) -> str:
@@ -62,9 +65,16 @@ def attrs(inode: int, st: os.stat_result, mask: int = 0o7777) -> pyfuse3.EntryAt
 
 class VaultOps:
     def __init__(
-        self, d: Dispatcher, config: Config, access: Access, store: Store, fhs: Iterator[int]
+        self,
+        d: Dispatcher,
+        config: Config,
+        access: Access,
+        store: Store,
+        fhs: Iterator[int],
+        offloop: OffLoop | None = None,
     ) -> None:
         self.d = d
+        self.offloop = offloop or OffLoop()  # listings, in turns shared with open files
         self.rights = access
         self.store = store
         self.owners = config.vault
@@ -110,7 +120,10 @@ class VaultOps:
         return self.rights.granted_below(who, where(path))
 
     def record(self, who: str, op: str, path: str, **more: str) -> None:
-        self.d.note(events.vault(who, op, where(path), **more))
+        """A change in the vault as a `vault` event, unless `vault_events = "off"`
+        (refusals are `denied` events whatever it says)."""
+        if self.d.config.vault_events == "all":
+            self.d.note(events.vault(who, op, where(path), **more))
 
     def mask(self, who: str, path: str, st: os.stat_result) -> int:
         """The mode bits shown to `who`: what it may do. A folder it sees can be
@@ -170,9 +183,16 @@ class VaultOps:
     async def getattr(self, inode: int, who: str) -> pyfuse3.EntryAttributes:
         ino = self._inode(inode)
         st = _do(lambda: self.store.lstat(ino))
-        if who != OPERATOR:
-            self.see(who, ino.path, "stat")
+        if who != OPERATOR and self.perms(who, ino.path) is None:
+            if self._held_open(who, inode):
+                # Out of its view since it opened it (a revoke, a narrowing): the open
+                # file keeps working, and the kernel asks for its attributes to read.
+                return attrs(ino.number, st, HELD_MASK)
+            self.see(who, ino.path, "stat")  # refused: ENOENT and a `denied` event
         return self.entry(who, ino, st)
+
+    def _held_open(self, who: str, inode: int) -> bool:
+        return any(f.who == who and f.ino.number == inode for f in self.store.files.values())
 
     async def access(self, inode: int, mode: int, who: str) -> bool:
         """Exactly what open (and opendir, chdir, exec) would allow this caller."""
@@ -194,17 +214,24 @@ class VaultOps:
         self.see(who, ino.path, "readdir")
         self.listings[fh] = Listing(ino)
 
-    def readdir(self, fh: int, start: int, who: str, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: int, start: int, who: str, token: pyfuse3.ReaddirToken) -> None:
         """Entries from the names the folder had when the listing began (or was
         rewound): offsets stay valid while the folder changes, so an entry neither
         removed nor added meanwhile is returned exactly once. Names removed since
-        are left out; names added since are not listed."""
+        are left out; names added since are not listed. Reading and sifting the
+        names costs in proportion to the folder, which its owner controls: that is
+        done on a worker thread, one listing at a time per caller (`offloop`)."""
         ls = self.listings[fh]
         if start == 0:
             base = ls.ino.path
-            names = _do(lambda: self.store.listdir(ls.ino))
             ls.uniform = self._uniform(who, base)
-            ls.names = [n for n in names if self._listable(who, base, n, ls.uniform)]
+            perms = None if ls.uniform is not None else self.rights.perms_now(who)
+            async with self.offloop.turn(who):
+                fd = _do(lambda: self.store.open_folder(ls.ino))  # the thread closes it
+                try:
+                    ls.names = await self.offloop.run(lambda: _sifted(fd, base, perms))
+                except OSError as e:
+                    raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
         for i in range(start, len(ls.names)):
             name = ls.names[i]
             try:
@@ -235,16 +262,6 @@ class VaultOps:
         if self.may_change(who, base + "/x", perms):
             mask |= 0o222
         return mask
-
-    def _listable(self, who: str, base: str, name: str, uniform: int | None) -> bool:
-        if not name.isascii():
-            try:
-                name.encode()
-            except UnicodeEncodeError:
-                return False  # not UTF-8: it could not be named in an event
-        if uniform is not None:
-            return True
-        return self.perms(who, f"{base}/{name}" if base else name) is not None
 
     def releasedir(self, fh: int) -> None:
         self.listings.pop(fh, None)
@@ -441,6 +458,22 @@ class VaultOps:
 
 def fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
+
+
+def _sifted(fd: int, base: str, perms: Callable[[str], str | None] | None) -> list[str]:
+    """The names of the folder open as `fd` that can be listed: UTF-8 (else no
+    event could name them), and, unless every entry shows the same (`perms` is
+    None), seen by the caller. Runs off the event loop."""
+    out = []
+    for name in names_in(fd):
+        if not name.isascii():
+            try:
+                name.encode()
+            except UnicodeEncodeError:
+                continue
+        if perms is None or perms(where(f"{base}/{name}" if base else name)) is not None:
+            out.append(name)
+    return out
 
 
 def _do(fn: Callable[[], T]) -> T:

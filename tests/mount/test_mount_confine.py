@@ -245,6 +245,21 @@ def test_no_inotify_and_no_process_event_sockets(server: Server) -> None:
     socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 11).close()
 
 
+def test_no_io_uring(server: Server) -> None:
+    """A ring makes sockets without socket(2) (IORING_OP_SOCKET), past the filter's
+    socket rules: UDP and UNIX without `net`, a connector socket with any `net`."""
+    server.write_config('[agents.a]\n[agents.all]\nnet = "all"\n')
+    server.mount()
+    udp, unix, connector = "uring_socket:2,2,0", "uring_socket:1,1,0", "uring_socket:16,2,11"
+    assert attack(server, "a", udp, unix, connector) == dict.fromkeys(
+        (udp, unix, connector), "ENOSYS"
+    )
+    assert attack(server, "all", connector) == {connector: "ENOSYS"}
+    # The operator is not confined.
+    r = subprocess.run([PY, str(ATTACK), udp], capture_output=True, text=True, timeout=30)
+    assert json.loads(r.stdout) == {udp: "ok"}, r.stderr
+
+
 def test_tail_f_follows_a_file_of_the_mount_for_an_agent(server: Server) -> None:
     server.write_config('[agents.a]\nsend = ["user"]\n')
     server.mount()

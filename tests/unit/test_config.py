@@ -152,6 +152,8 @@ def test_defaults() -> None:
         # confinement
         ('confine = "maybe"', "confine"),
         ("confine = true", "confine"),
+        ('vault_events = "some"', "vault_events"),
+        ("vault_events = false", "vault_events"),
         ('[agents.echo]\nfiles = { "/srv" = "rx" }', "agents.echo.files./srv"),
         ('[agents.echo]\nfiles = { "srv" = "r" }', "agents.echo.files"),
         ('[agents.echo]\nfiles = { "/srv/../etc" = "r" }', "agents.echo.files"),
@@ -273,3 +275,9 @@ def test_confinement_keys() -> None:
     assert c.agents["b"].net == "all"
     assert c.agents["c"].net == [] and c.agents["c"].files == {}
     assert parse("").confine == "required"
+
+
+def test_vault_events() -> None:
+    assert parse("").vault_events == "all"
+    assert parse('vault_events = "off"\n').vault_events == "off"
+    assert parse('vault_events = "all"\n').vault_events == "all"
