@@ -77,12 +77,19 @@ class Access:
             return label.split("#", 1)[0]
         if not self.operators.admits(ctx.uid, ctx.gid, ctx.pid):
             return stranger(ctx.uid)
+        # Alive? Known once per thread: until the kernel reports an event about it
+        # (an exit, a fork or exec that reuses its tid; drained just above), it is.
+        procs = self.procs
+        if procs.alive.get(ctx.pid) == (ctx.uid, ctx.gid):
+            return OPERATOR
         try:
             os.kill(ctx.pid, 0)
         except ProcessLookupError:
             return NOBODY
         except PermissionError:
             pass
+        if procs.exact and not procs.lost:
+            procs.alive[ctx.pid] = (ctx.uid, ctx.gid)
         return OPERATOR
 
     # -- views ----------------------------------------------------------------------------

@@ -11,9 +11,9 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from json.encoder import encode_basestring
 from typing import Any
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from .config import PRIORITIES, Priority, valid_name
@@ -101,15 +101,40 @@ def dumps(obj: Any) -> str:
     return _ENCODER.encode(obj)
 
 
-def json_value(v: Any) -> str:
-    """`dumps(v)`, quicker for the strings, None and ints that fill events."""
-    if type(v) is str:
-        return encode_basestring(v)  # what the encoder does for a str
-    if v is None:
-        return "null"
-    if type(v) is int:
-        return int.__repr__(v)
-    return _ENCODER.encode(v)
+_FAST = msgspec.json.Encoder()
+# msgspec writes the very bytes of `dumps` for str, int (any size), bool, None,
+# and lists and str-keyed dicts of them; floats only in this range of magnitudes
+# (beyond it the exponent is spelled differently, and NaN and infinities become null).
+_FLOAT_LOW, _FLOAT_HIGH = 1e-4, 1e16
+
+
+_PLAIN = frozenset({str, int, bool, type(None)})  # what msgspec writes as the encoder does
+
+
+def _same_bytes(v: Any) -> bool:
+    """Whether msgspec encodes `v` to the bytes of `dumps(v)`."""
+    t = type(v)
+    if t in _PLAIN:
+        return True
+    if t is dict:
+        for k, x in v.items():
+            if type(k) is not str or (type(x) not in _PLAIN and not _same_bytes(x)):
+                return False
+        return True
+    if t is list:
+        return all(type(x) in _PLAIN or _same_bytes(x) for x in v)
+    if t is float:
+        return bool(v == 0.0 or _FLOAT_LOW <= abs(v) < _FLOAT_HIGH)
+    return False
+
+
+def json_bytes(obj: Any) -> bytes:
+    """`dumps(obj).encode()`: by msgspec, ten times quicker than the standard
+    encoder, where it gives the same bytes; else by the standard encoder. Like
+    it, raises UnicodeEncodeError for a lone surrogate."""
+    if _same_bytes(obj):
+        return _FAST.encode(obj)
+    return dumps(obj).encode()
 
 
 # -- a message in the system ---------------------------------------------------------
@@ -144,7 +169,7 @@ class Message:
     def line(self) -> bytes:
         """The line a reader gets."""
         return (
-            dumps(
+            json_bytes(
                 {
                     "id": self.id,
                     "seq": self.seq,
@@ -157,8 +182,8 @@ class Message:
                     "attempt": self.delivered,
                 }
             )
-            + "\n"
-        ).encode()
+            + b"\n"
+        )
 
 
 # -- what writers send ---------------------------------------------------------------
@@ -203,6 +228,10 @@ class Draft:
     to: list[str] | None = None
 
 
+_decode = msgspec.json.Decoder().decode
+_FIELDS = frozenset(Envelope.model_fields)
+
+
 def parse_line(line: bytes, outbox: bool) -> Draft:
     """Parse one line (without its newline) into a Draft; BadInput says why not."""
     if line.endswith(b"\r"):
@@ -213,12 +242,54 @@ def parse_line(line: bytes, outbox: bool) -> Draft:
         raise BadInput("line is not UTF-8 text") from None
     if text.lstrip().startswith("{"):
         try:
-            obj = json.loads(text)
-        except ValueError:
-            obj = None
+            obj = _decode(line)  # json.loads' values, where msgspec parses the line
+        except msgspec.DecodeError:
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                obj = None
         if isinstance(obj, dict):
-            return _envelope(obj, outbox)
+            return _simple_envelope(obj, outbox) or _envelope(obj, outbox)
     return Draft(body=text)
+
+
+def parse_lines(lines: list[bytes], outbox: bool) -> list[Draft]:
+    """`parse_line` of each line. Plain text lines, most of a big write, are
+    checked as UTF-8 all at once and become Drafts directly; any line that may be
+    an envelope (it holds "{") or ends in CR, and every line of a request that is
+    not UTF-8 (to say which one), goes through `parse_line`."""
+    if len(lines) < 2:
+        return [parse_line(line, outbox) for line in lines]
+    try:
+        texts = b"\n".join(lines).decode().split("\n")  # lines hold no newline
+    except UnicodeDecodeError:
+        return [parse_line(line, outbox) for line in lines]
+    return [
+        parse_line(line, outbox) if "{" in text or text.endswith("\r") else Draft(body=text)
+        for line, text in zip(lines, texts, strict=True)
+    ]
+
+
+def _simple_envelope(obj: dict[str, Any], outbox: bool) -> Draft | None:
+    """The Draft of an envelope whose every field is plainly valid, as `Envelope`
+    would accept it; None for anything else, which `_envelope` checks (and
+    refuses with its reason). Most envelopes are a body and maybe a reply_to."""
+    if "body" not in obj or not _FIELDS.issuperset(obj):
+        return None
+    priority = obj.get("priority")
+    reply_to = obj.get("reply_to")
+    to = obj.get("to")
+    if priority is not None and (type(priority) is not str or priority not in RANK):
+        return None
+    if reply_to is not None and (type(reply_to) is not str or not is_id(reply_to)):
+        return None
+    if to is not None:
+        if not outbox or type(to) is not str or not (valid_name(to) or to == OPERATOR):
+            return None
+        return Draft(body=obj["body"], priority=priority, reply_to=reply_to, to=[to])
+    if not outbox and "to" in obj:
+        return None
+    return Draft(body=obj["body"], priority=priority, reply_to=reply_to)
 
 
 def _envelope(obj: dict[str, Any], outbox: bool) -> Draft:

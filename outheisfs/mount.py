@@ -39,6 +39,7 @@ from .reload import Parts, Reloader
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
+PROFILE_ENV = "OUTHEISFS_PROFILE"  # a file: the server's CPU profile (cProfile) at its end
 MAX_TASKS = 10_000  # each parked read or write holds one pyfuse3 worker task
 
 
@@ -291,7 +292,13 @@ class Ready:
 def run_foreground(opts: Options, ready_fd: int | None) -> int:
     ready = Ready(ready_fd)
     try:
-        trio.run(serve, opts, ready)
+        profile = os.environ.get(PROFILE_ENV)
+        if profile:  # for measuring only: see docs/performance.md
+            import cProfile
+
+            cProfile.runctx("trio.run(serve, opts, ready)", globals(), locals(), profile)
+        else:
+            trio.run(serve, opts, ready)
     except MountError as e:
         ready.fail(str(e), e.status)  # first: stderr may be a file on a full disk
         try:

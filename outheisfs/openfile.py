@@ -49,11 +49,11 @@ from .errors import (
 from .eventlog import EventLog
 from .events import Event
 from .lines import LineBuffer
-from .models import INFLIGHT, Message, parse_line
+from .models import INFLIGHT, Message, parse_lines
 from .names import OPERATOR
 from .offloop import OffLoop
 from .output import Output
-from .parking import Parking
+from .parking import Parking, Watch
 from .procevents import ProcEvents
 from .readers import Readers
 from .tree import Kind, Node, Read, Write
@@ -97,6 +97,7 @@ class Handle:
     dropped: bool = False  # writer killed by a signal: its unterminated line is void
     counted: int = 0  # bytes of its unterminated line counted against `max_unfinished`
     sent: tuple[str, ...] = ()  # ids of the messages of its last write, see `sent_by`
+    watch: Watch | None = None  # the opener's /proc files, opened at its first wait
     # Lines of one open file are sent in the order written, even when a flush
     # comes while a write waits for room.
     sending: trio.Lock = field(default_factory=trio.Lock)
@@ -330,6 +331,9 @@ class OpenFiles:
         (unless its writer was killed), and settle the message it holds."""
         h = self.handles.pop(fh)
         self._forget_poll(h)
+        if h.watch is not None:
+            h.watch.close()
+            h.watch = None
         rest = h.lines.take_rest()
         self._recount(h)
         if rest and not h.dropped:
@@ -442,9 +446,14 @@ class OpenFiles:
                 e = OverLimit(f"{h.who} has {limit} requests waiting already (max_waiting)")
                 self.access.report(h.who, h.path, e)
                 raise e
+        watch = h.watch
+        if watch is None or watch.lost:  # first wait, or the watched thread is gone
+            if watch is not None:
+                watch.close()
+            watch = h.watch = Watch((h.tid, h.pid) if h.pid else (h.tid,))
         _count(self.waiting, h.who, 1)
         try:
-            woken = await self.parking.park(lot, h.tid, *([h.pid] if h.pid else []))
+            woken = await self.parking.park(lot, watch=watch)
         finally:
             _count(self.waiting, h.who, -1)
         if not woken:
@@ -561,7 +570,7 @@ class OpenFiles:
         owner = str(h.node.agent)
         if outbox and h.who not in (owner, OPERATOR):
             raise NotPermitted(f"only {owner} and the operator send through this outbox")
-        drafts = [parse_line(line, outbox) for line in lines]
+        drafts = parse_lines(lines, outbox)
         sender = owner if outbox else h.who
         held = self._held_by_writer(h, owner) if outbox else ()
         planned = self.d.plan(sender, drafts, None if outbox else owner, held)

@@ -39,6 +39,7 @@ PROC_EVENT_FORK = 0x00000001
 PROC_EVENT_EXEC = 0x00000002
 PROC_EVENT_EXIT = 0x80000000
 KEEP = 5.0  # seconds an exit is remembered, for watchers that ask late
+BATCH = 0.2  # seconds between drains by `run`: every fork and exit of the machine wakes it
 RCVBUF = 64 << 20
 SO_RCVBUFFORCE = 33  # not in the socket module
 
@@ -55,6 +56,9 @@ class ProcEvents:
         self._spawning: dict[int, str] = {}  # forking thread id -> label for its children
         self._lock = threading.Lock()  # _spawning is written from worker threads
         self.lost = 0  # times the kernel dropped events (ENOBUFS)
+        # Threads found to be no agent's and alive, with their uid and gid then: an
+        # entry holds until an event about that thread (or a lost one) is drained.
+        self.alive: dict[int, tuple[int, int]] = {}
         self.forged = 0  # messages ignored because a process, not the kernel, sent them
         self._connect()
 
@@ -94,6 +98,10 @@ class ProcEvents:
             while True:
                 await trio.lowlevel.wait_readable(sock)
                 self.drain()
+                # The socket holds what comes meanwhile (its buffer is large), and
+                # every attribution and exit check drains it first: waking for each
+                # fork and exit of other programs would only cost an idle server.
+                await trio.sleep(BATCH)
         finally:
             self._sock = None
             sock.close()
@@ -107,6 +115,7 @@ class ProcEvents:
                 return
             except OSError:  # ENOBUFS: the kernel dropped events
                 self.lost += 1
+                self.alive.clear()
                 return
             if sender == 0:
                 self._parse(data)
@@ -130,6 +139,7 @@ class ProcEvents:
             self._exit(*struct.unpack_from("III", data, 52))
 
     def _fork(self, ppid: int, ptgid: int, cpid: int, ctgid: int) -> None:
+        self.alive.pop(cpid, None)  # a tid reused
         if cpid != ctgid:
             # A new thread. The kernel names the process's parent as its parent;
             # the thread is its process, whoever that is.
@@ -158,12 +168,15 @@ class ProcEvents:
         # A thread that execs takes over the process's pid, and its old thread id
         # ends without an exit event: carry the label over, forget the old ids.
         label = self.labels.get(tgid) or self._left.pop(tgid, None)
+        self.alive.pop(pid, None)
+        self.alive.pop(tgid, None)
         for tid in self._threads.pop(tgid, set()):
             self.labels.pop(tid, None)
         if label is not None:
             self.labels[tgid] = label
 
     def _exit(self, pid: int, tgid: int, code: int) -> None:
+        self.alive.pop(pid, None)
         label = self.labels.pop(pid, None)
         if pid != tgid:
             threads = self._threads.get(tgid)
@@ -212,8 +225,11 @@ class ProcEvents:
         st = procinfo.stat(pid)
         if st is None or st.state in ("Z", "X"):
             return
+        tgid = procinfo.tgid(pid)
         self.labels[pid] = label
-        self.labels[procinfo.tgid(pid)] = label
+        self.labels[tgid] = label
+        self.alive.pop(pid, None)
+        self.alive.pop(tgid, None)
         self.drain()  # an exit reported meanwhile removes the label again
 
     def label_of(self, tid: int) -> str | None:

@@ -348,6 +348,31 @@ def roundtrip_figures(
     return figs
 
 
+# outheisfs's round trip beside Redis Streams with the same persistence: targets.
+BESIDE_REDIS = {50: 1.5, 99: 2.0}
+
+
+def beside_redis(ours: list[float], redis: list[float] | None) -> list[Figure]:
+    """outheisfs's round trip p50 and p99 over Redis Streams' (AOF, no fsync), both
+    taken in the same run; None where redis-server is not installed."""
+    figs = []
+    for p, target in BESIDE_REDIS.items():
+        f = Figure(
+            f"roundtrip_vs_redis_p{p}",
+            f"echo round trip p{p} beside Redis Streams",
+            "ms",
+            None,
+            target=f"<= {target}x Redis",
+            note="" if redis is not None else "redis-server not installed",
+        )
+        if redis is not None:
+            f.value, f.floor = percentile(ours, p) * 1e3, percentile(redis, p) * 1e3
+            f.ratio = f.value / f.floor
+            f.met = f.ratio <= target
+        figs.append(f)
+    return figs
+
+
 def measure(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
     figs: list[Figure] = []
     root = Path(tempfile.mkdtemp(prefix="outheisfs-bench-"))
@@ -373,7 +398,7 @@ def measure(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
                 s.runs, lambda: one_big_write(q, s.batch), lambda: one_big_write(inbox, s.batch)
             )
             fig3 = rate("big_write", f"one write of {s.batch:,} messages", o3, f3, None)
-            fig3.target, fig3.met = ">= 100,000 msg/s", o3 >= 100_000
+            fig3.target, fig3.met = ">= 200,000 msg/s", o3 >= 200_000
             figs.append(fig3)
             redis = shutil.which("redis-server") is not None
             progress("4/6 echo round trip" + (", and through Redis Streams" if redis else ""))
@@ -408,6 +433,7 @@ def measure(s: Settings, progress: Callable[[str], None]) -> list[Figure]:
             for key, (_, what) in REDIS.items():
                 note = "" if redis else "redis-server not installed"
                 figs += roundtrip_figures(key, what, times.get(key), floor_write, note=note)
+            figs += beside_redis(times["roundtrip"], times.get("redis_roundtrip"))
             progress("5/6 idle with blocked readers")
             figs.append(idle_cpu(m, s))
             progress(f"6/6 10 against {s.agents:,} agents")
@@ -527,8 +553,8 @@ def idle_cpu(m: Mount, s: Settings) -> Figure:
         f"idle server, {s.idle_readers} blocked readers",
         "% core",
         share * 100,
-        target="< 2 %",
-        met=share < 0.02,
+        target="< 1 %",
+        met=share < 0.01,
     )
 
 

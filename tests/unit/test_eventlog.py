@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import trio
 
+from outheisfs import eventlog as eventlog_mod
+from outheisfs import events
 from outheisfs.errors import LogDamaged
 from outheisfs.eventlog import MAIN, EventLog, concerned, decode, encode, streams_of
 from outheisfs.eventlog import _streams as streams_quick
@@ -294,6 +296,32 @@ def test_stream_files_hold_what_concerns_each_agent(tmp_path: Path, logs: list[E
     data = log.read("echo.log", 0, 1 << 20)
     for off in range(0, len(data), 37):
         assert log.read("echo.log", off, 50) == data[off : off + 50]
+
+
+def test_a_batch_of_messages_fills_the_streams_as_one_by_one(
+    tmp_path: Path, logs: list[EventLog], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def msg(i: int, sender: str, to: str) -> Event:
+        return events.message(f"m{i}", sender, to, "normal", f"body {i}", None)
+
+    batch = [msg(i, "user", "echo") for i in range(4)] + [msg(4, "echo", "user")]
+    batch += [events.deliver("echo", "m0", 1), msg(5, "user", "echo"), msg(6, "user", "echo")]
+    monkeypatch.setattr(eventlog_mod, "now", lambda: (0.0, "2026-01-01T00:00:00.000000Z"))
+    folders = []
+    for per in (len(batch), 1):
+        state = tmp_path / f"per{per}"
+        log, _ = opened(state)
+        logs.append(log)
+        for k in range(0, len(batch), per):
+            log.append(batch[k : k + per])
+        log.flush_streams()
+        folders.append(state / "streams")
+    together, alone = folders
+    names = sorted(p.name for p in alone.iterdir())
+    assert names == sorted(p.name for p in together.iterdir())
+    assert {"user.log", "echo.log", "user.outbox", "echo.outbox"} <= set(names)
+    for name in names:
+        assert (together / name).read_bytes() == (alone / name).read_bytes(), name
 
 
 # -- a torn tail ---------------------------------------------------------------------

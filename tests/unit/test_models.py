@@ -6,12 +6,29 @@ import itertools
 import json
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from outheisfs.errors import BadInput
-from outheisfs.models import Draft, Message, is_id, new_id, now, parse_line, parse_ts
+from outheisfs.models import (
+    Draft,
+    Message,
+    _envelope,
+    _simple_envelope,
+    dumps,
+    is_id,
+    json_bytes,
+    new_id,
+    now,
+    parse_line,
+    parse_lines,
+    parse_ts,
+)
 
 FIELDS = ["id", "seq", "from", "to", "ts", "priority", "body", "reply_to", "attempt"]
 
@@ -235,3 +252,82 @@ def test_message_line_plain_body() -> None:
     m.delivered = 1
     obj = json.loads(m.line())
     assert obj["body"] == "x" and obj["reply_to"] is None and obj["attempt"] == 1
+
+
+# -- JSON bytes: msgspec where it writes what the standard encoder writes ------------
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(),  # lone surrogates included
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _outcome(fn: Callable[[], bytes]) -> bytes | type[Exception]:
+    try:
+        return fn()
+    except Exception as e:
+        return type(e)
+
+
+@settings(max_examples=500, deadline=None)
+@given(JSON_VALUES)
+def test_json_bytes_are_the_standard_encoders(value: Any) -> None:
+    assert _outcome(lambda: json_bytes(value)) == _outcome(lambda: dumps(value).encode())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [1e-4, 9.99e-5, 1e16, 9999999999999998.0, -1e-4, 0.0, -0.0, 5e-324, 1.7976931348623157e308],
+)
+def test_json_bytes_of_floats_at_the_edges(value: float) -> None:
+    assert json_bytes({"x": [value]}) == dumps({"x": [value]}).encode()
+
+
+ENVELOPE_VALUES = (
+    st.none()
+    | st.sampled_from(["interactive", "normal", "Normal", "", "user", "bob", "Bad Name", "a" * 70])
+    | st.sampled_from(["01ARZ3NDEKTSV4RRFFQ69G5FAW", "01ARZ3NDEKTSV4RRFFQ69G5FAU!", "0" * 26])
+    | st.integers()
+    | st.lists(st.sampled_from(["bob", "user", "Bad"]), max_size=2)
+    | st.text(max_size=5)
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["body", "priority", "reply_to", "to", "extra"]), ENVELOPE_VALUES
+    ),
+    st.booleans(),
+)
+def test_simple_envelopes_are_what_the_model_accepts(obj: dict[str, Any], outbox: bool) -> None:
+    quick = _simple_envelope(obj, outbox)
+    if quick is not None:
+        assert quick == _envelope(obj, outbox)
+
+
+def _parsed(fn: Callable[[], list[Draft]]) -> list[Draft] | tuple[str, str]:
+    try:
+        return fn()
+    except BadInput as e:
+        return ("BadInput", e.reason)
+
+
+LINE_PARTS = st.sampled_from(
+    [
+        *[b"plain", b" ", b"{", b"}", b'{"body": 1}', b'{"body": "x", "to": "bob"}', b"\r"],
+        *[b"\xff", b"\xc3\xa9", b"\xc3", b'{"body": 2, "extra": 0}', b"[1]", b'\t{"body": null}'],
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.lists(LINE_PARTS, max_size=4).map(b"".join), max_size=6), st.booleans())
+def test_parse_lines_is_parse_line_of_each(lines: list[bytes], outbox: bool) -> None:
+    one_by_one = _parsed(lambda: [parse_line(line, outbox) for line in lines])
+    assert _parsed(lambda: parse_lines(lines, outbox)) == one_by_one

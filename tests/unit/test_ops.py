@@ -20,7 +20,8 @@ import pyfuse3
 import pytest
 import trio
 
-from outheisfs.parking import Waiter
+from outheisfs import openfile
+from outheisfs.parking import Waiter, Watch
 from outheisfs.tree import AGENTS_INODE, ROOT_INODE
 
 from .helpers import (
@@ -578,6 +579,37 @@ async def test_competing_consumers(env: OpsEnv) -> None:
     await env.ops.release(a)
     await env.ops.release(b)
     assert env.d.agents["echo"].inflight == {}
+
+
+async def test_an_open_file_opens_its_watch_once(
+    env: OpsEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[Watch] = []
+
+    class Counted(Watch):
+        def __init__(self, tids: tuple[int, ...]) -> None:
+            super().__init__(tids)
+            made.append(self)
+
+    monkeypatch.setattr(openfile, "Watch", Counted)
+    fh = await env.open("agents/echo/inbox", RD)
+    got: list[dict[str, Any]] = []
+
+    async def reader() -> None:
+        got.append(await read_msg(env, fh))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(3):  # three waits on one open file
+            nursery.start_soon(reader)
+            await until_parked(env)
+            await env.write("agents/echo/inbox", b"%d\n" % n)
+            await trio.testing.wait_all_tasks_blocked()
+    assert [m["body"] for m in got] == ["0", "1", "2"]
+    assert len(made) == 1, "the opener's /proc files are opened once per open file"
+    watch = made[0]
+    assert not watch.lost
+    await env.ops.release(fh)
+    assert watch.lost and watch.stat is None, "closed with the open file"
 
 
 async def test_blocked_reader_interrupted(env: OpsEnv, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import trio
 import trio.testing
 
-from outheisfs.parking import Parking, Waiter, pending
+from outheisfs.parking import Parking, Waiter, Watch, pending
 
 STATUS = b"Name:\tcat\nSigQ:\t0/1\nSigPnd:\t%s\nShdPnd:\t%s\nSigBlk:\t%s\nSigIgn:\t0\n"
 
@@ -79,3 +85,96 @@ async def test_park_returns_true_when_woken_and_false_when_signalled() -> None:
     finally:
         p.kill()
         p.wait()
+
+
+def state_of(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    return chr(data[data.rfind(b") ") + 2])
+
+
+def wait_state(pid: int, state: str) -> None:
+    deadline = time.monotonic() + 10
+    while state_of(pid) != state:
+        assert time.monotonic() < deadline, f"process {pid} never reached state {state}"
+        time.sleep(0.01)
+
+
+def test_a_thread_asleep_since_the_last_look_costs_one_short_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = subprocess.Popen(["sleep", "5"])
+    try:
+        wait_state(p.pid, "S")
+        watch = Watch((p.pid,))
+        reads: list[int] = []
+        real = os.pread
+
+        def counting(fd: int, n: int, offset: int) -> bytes:
+            reads.append(fd)
+            return real(fd, n, offset)
+
+        monkeypatch.setattr(os, "pread", counting)
+        assert not watch.signalled()
+        assert reads == [watch.sched, watch.stat], "asleep: its pending masks are not read"
+        reads.clear()
+        assert not watch.signalled()
+        assert reads == [watch.sched], "it has not run since: asleep still"
+        watch.close()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_thread_that_ran_since_the_last_look_is_looked_at_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    code = "import time\nwhile True: time.sleep(0.002)"
+    p = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        wait_state(p.pid, "S")
+        watch = Watch((p.pid,))
+        assert not watch.signalled()
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{p.pid}/schedstat").read_bytes() == watch.asleep:  # until it ran
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        reads: list[int] = []
+        real = os.pread
+
+        def counting(fd: int, n: int, offset: int) -> bytes:
+            reads.append(fd)
+            return real(fd, n, offset)
+
+        monkeypatch.setattr(os, "pread", counting)
+        watch.signalled()
+        assert reads[:2] == [watch.sched, watch.stat]
+        watch.close()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_thread_not_asleep_has_its_pending_masks_read() -> None:
+    p = subprocess.Popen(["sleep", "5"])
+    try:
+        os.kill(p.pid, signal.SIGSTOP)
+        wait_state(p.pid, "T")
+        watch = Watch((p.pid,))
+        assert not watch.signalled(), "stopped, nothing pending"
+        os.kill(p.pid, signal.SIGTERM)  # stays pending while the process is stopped
+        assert watch.signalled()
+        watch.close()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_watch_stays_bound_to_its_thread() -> None:
+    p = subprocess.Popen(["sleep", "5"])
+    watch = Watch((p.pid,))
+    assert not watch.lost
+    p.kill()
+    p.wait()
+    assert watch.signalled() and watch.lost, "gone: whatever takes its pid later"
+    watch.close()

@@ -5,8 +5,18 @@ Fed with the events the kernel sends, in the order it sends them (no socket)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
+from pathlib import Path
 
+import pytest
+import trio
+
+from outheisfs import procevents
+from outheisfs.access import Access
+from outheisfs.config import Config
+from outheisfs.dispatcher import Dispatcher
+from outheisfs.names import NOBODY, OPERATOR
 from outheisfs.procevents import ProcEvents
 
 SERVER, AGENT, SHELL = 100, 200, 50
@@ -137,3 +147,86 @@ def test_only_the_kernel_is_believed() -> None:
         assert p.labels.get(me) == "spy#0"
     finally:
         p.close()
+
+
+async def test_run_drains_at_most_once_a_batch_and_requests_see_every_fork(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = ProcEvents()
+    if not p.exact:
+        p.close()
+        pytest.skip("the process-events connector needs root")
+    drains: list[float] = []
+    real = p.drain
+
+    def counted() -> None:
+        drains.append(trio.current_time())
+        real()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(p.run)
+            monkeypatch.setattr(p, "drain", counted)
+            start = trio.current_time()
+            for _ in range(15):  # forks and exits, each waking a server that drains at once
+                await trio.run_process(["true"])
+            elapsed = trio.current_time() - start
+            assert len(drains) <= elapsed / procevents.BATCH + 2, "one drain per batch"
+            # An attribution does not wait for the batch: it drains first.
+            monkeypatch.setattr(p, "drain", real)
+            p.labels[os.getpid()] = "a#0"
+            child = subprocess.Popen(["sleep", "5"])
+            try:
+                assert p.label_of(child.pid) == "a#0", "its fork is seen at once"
+            finally:
+                child.kill()
+                child.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        p.close()
+
+
+class Ctx:
+    def __init__(self, pid: int) -> None:
+        self.pid, self.uid, self.gid = pid, os.getuid(), os.getgid()
+
+
+def test_a_thread_found_alive_is_not_asked_again_until_an_event_about_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    procs = ProcEvents()
+    if not procs.exact:
+        procs.close()
+        pytest.skip("the process-events connector needs root")
+    procs._server = -1  # this test's children are not agents' orphans
+    d = Dispatcher(Config(), None)
+    access = Access(d, procs)
+    asked: list[int] = []
+    real = os.kill
+
+    def counted(pid: int, sig: int) -> None:
+        if sig == 0:
+            asked.append(pid)
+        real(pid, sig)
+
+    monkeypatch.setattr(os, "kill", counted)
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert access.who(Ctx(child.pid)) == OPERATOR
+        assert access.who(Ctx(child.pid)) == OPERATOR
+        assert asked == [child.pid], "alive: known once per thread"
+        other = Ctx(child.pid)
+        other.uid += 1000  # another uid: a stranger, whatever was known
+        assert access.who(other).startswith("uid:")
+        child.kill()
+        child.wait()
+        # Its exit is drained before the next attribution, and forgets it: gone now.
+        deadline = time.monotonic() + 10
+        while access.who(Ctx(child.pid)) != NOBODY:
+            assert time.monotonic() < deadline, "the exit was not seen"
+            time.sleep(0.01)
+        assert child.pid not in procs.alive
+    finally:
+        child.kill()
+        child.wait()
+        procs.close()
