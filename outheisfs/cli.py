@@ -41,6 +41,9 @@ def build_parser() -> Parser:
     u = sub.add_parser("umount", help="stop the server and unmount")
     u.add_argument("mountpoint", nargs="?", help=WHICH)
 
+    rl = sub.add_parser("reload", help="read the config again and apply the difference")
+    rl.add_argument("mountpoint", nargs="?", help=WHICH)
+
     r = sub.add_parser(
         "run",
         help="run COMMAND as agent NAME",
@@ -106,7 +109,8 @@ def build_parser() -> Parser:
 
 
 COMMANDS = {
-    "mount", "umount", "run", "follow", "replay", "bench", "top", "trace", "ask", "completion",
+    "mount", "umount", "reload", "run", "follow", "replay", "bench", "top", "trace", "ask",
+    "completion",
 }  # fmt: skip
 
 
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {
             "mount": cmd_mount,
             "umount": cmd_umount,
+            "reload": cmd_reload,
             "replay": cmd_replay,
             "run": cmd_run,
             "bench": cmd_bench,
@@ -197,7 +202,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     opts = mount.Options(
-        config=config, mountpoint=mp, state=state, durability=durability, host=args.host
+        config=config,
+        mountpoint=mp,
+        state=state,
+        durability=durability,
+        host=args.host,
+        config_file=args.config.absolute() if args.config is not None else None,
     )
     return mount.run_foreground(opts, args.ready_fd)
 
@@ -206,6 +216,46 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from . import mount
 
     return mount.umount(mounts.mountpoint(args.mountpoint))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Write `reload` to the root ctl; print what changed, or why nothing did."""
+    import errno
+
+    from .names import XATTR_PID
+    from .run import reasons
+
+    mp = mounts.mountpoint(args.mountpoint)
+    try:
+        os.getxattr(mp, XATTR_PID.decode())
+    except OSError as e:
+        where = "does not exist" if e.errno == errno.ENOENT else "is not an outheisfs mount"
+        print(f"outheisfs: reload: {mp} {where}{mounts.hint(mp)}", file=sys.stderr)
+        return 2 if e.errno == errno.ENOENT else 1
+    errors, log = mp / "agents" / "user" / "errors", mp / "log"
+    start, seen = os.stat(errors).st_size, os.stat(log).st_size
+    try:  # one write(2), not a buffered file that writes again at close
+        fd = os.open(mp / "ctl", os.O_WRONLY)
+        try:
+            os.write(fd, b"reload\n")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        why = reasons(errors, start)
+        text = why[-1].split(": ", 1)[-1] if why else os.strerror(e.errno or errno.EIO)
+        print(f"outheisfs: {text}", file=sys.stderr)
+        return 2 if e.errno == errno.EINVAL else 1
+    with open(log, "rb") as f:
+        f.seek(seen)
+        done = [ev for ev in map(json.loads, f.read().splitlines()) if ev["type"] == "reload"]
+    if done:
+        ev = done[-1]
+        keys = ("added", "changed", "resized", "removed", "kept")
+        said = [f"{k} {', '.join(ev[k])}" for k in keys if ev[k]]
+        print("reloaded: " + ("; ".join(said) or "nothing changed"))
+        if ev["remount"]:
+            print(f"not before the next mount: {', '.join(ev['remount'])}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -6,12 +6,21 @@ modules: a typo is an error that names the key, never a silent default.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .names import OPERATOR
@@ -54,6 +63,26 @@ def valid_name(name: str) -> bool:
     return NAME_RE.fullmatch(name) is not None
 
 
+MAX_INSTANCES = 64
+
+
+class Pool(BaseModel):
+    """`instances = { min, max }`: the supervisor decides how many run (scaling.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    min: int = Field(default=1, ge=1, le=MAX_INSTANCES)
+    max: int = Field(default_factory=lambda: min(MAX_INSTANCES, os.cpu_count() or 1), ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Pool:
+        if self.max > MAX_INSTANCES:
+            raise ValueError(f"max {self.max} is more than {MAX_INSTANCES}")
+        if self.max < self.min:
+            raise ValueError(f"max {self.max} is less than min {self.min}")
+        return self
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -62,7 +91,9 @@ class AgentConfig(BaseModel):
     restart: Restart = "permanent"
     max_restarts: int = Field(default=3, ge=0)
     restart_window: float = Field(default=5.0, gt=0)
-    instances: int = Field(default=1, ge=1, le=64)
+    instances: int | Pool = 1
+    scale_after: float | None = Field(default=None, gt=0)  # pool: queue age before one more
+    scale_idle: float | None = Field(default=None, gt=0)  # pool: idle time before one less
     send: list[str] = Field(default_factory=list)
     unveil: dict[str, Perms] = Field(default_factory=dict)
     env: dict[str, str] = Field(default_factory=dict)
@@ -90,6 +121,56 @@ class AgentConfig(BaseModel):
         if isinstance(v, list) and not v:
             raise ValueError("host must name at least one host")
         return v
+
+    @field_validator("instances", mode="before")
+    @classmethod
+    def _instances(cls, v: object) -> object:
+        if isinstance(v, dict):
+            try:
+                return Pool.model_validate(v)
+            except ValidationError as e:
+                err = e.errors()[0]
+                key = ".".join(str(p) for p in err["loc"])
+                why = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                why = why.removeprefix("Value error, ")
+                raise ValueError(f"{key}: {why}" if key else why) from None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError("must be a number or { min = M, max = N }")
+        if not 1 <= v <= MAX_INSTANCES:
+            raise ValueError(f"must be 1 to {MAX_INSTANCES}")
+        return v
+
+    @field_validator("scale_after", "scale_idle")
+    @classmethod
+    def _scaling(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and not isinstance(info.data.get("instances"), Pool):
+            raise ValueError("only for a pool that sizes itself: instances = { min = M, max = N }")
+        return v
+
+    @property
+    def floor(self) -> int:
+        """The fewest instances: `min` of a pool, else `instances`."""
+        return self.instances.min if isinstance(self.instances, Pool) else self.instances
+
+    @property
+    def ceiling(self) -> int:
+        """The most instances: `max` of a pool, else `instances`."""
+        return self.instances.max if isinstance(self.instances, Pool) else self.instances
+
+    @property
+    def pool(self) -> bool:
+        """Whether the supervisor sizes it (`instances = { min, max }`)."""
+        return isinstance(self.instances, Pool)
+
+    @property
+    def after(self) -> float:
+        """Seconds the oldest queued message waits before one more instance starts."""
+        return 1.0 if self.scale_after is None else self.scale_after
+
+    @property
+    def idle(self) -> float:
+        """Seconds an instance waits idle on its inbox before it is stopped."""
+        return 30.0 if self.scale_idle is None else self.scale_idle
 
     @property
     def hosts(self) -> list[str]:

@@ -48,6 +48,7 @@ class Agent:
     dead: int = 0
     origin: str = "config"  # config | mkdir | message (created by a message to it)
     grants: dict[str, str] = field(default_factory=dict)  # its view, see views.py
+    instances: int = 0  # processes it should run now: config, ctl `instances N`, `scale`
 
     @property
     def queued(self) -> int:
@@ -74,18 +75,38 @@ class Dispatcher:
         self._add(OPERATOR, None, "builtin")
         self.install_config()
 
-    def install_config(self) -> None:
+    def install_config(self, names: Iterable[str] | None = None) -> None:
         """The agents of the config in force, with their settings (again after replay,
-        which may have brought back or retired agents of older configs)."""
+        which may have brought back or retired agents of older configs); after a
+        reload, only those named."""
         self.topics = {n: t.compiled(n) for n, t in self.config.topics.items()}
         for name, ac in self.config.agents.items():
+            if names is not None and name not in names:
+                continue
             agent = self.agents.get(name) or self._add(name, ac, "config")
             agent.config = ac
             agent.origin = "config"
             agent.priority = ac.priority
+            agent.instances = ac.floor
         grants.prune(self)  # a grant lapses with its giver's ownership of the domain
         for name in self.config.agents:
-            self.agents[name].grants = self.base_grants(name)
+            if names is None or name in names:
+                self.agents[name].grants = self.base_grants(name)
+
+    def reconfigure(self, config: Config, ev: Event) -> None:
+        """A reload: log `ev` (its `reload` event: what changed), then take `config`
+        as the one in force and install the agents it added, changed or resized."""
+        self.record([ev])
+        self.config = config
+        running = {n: self.agents[n].instances for n in ev["resized"] if n in self.agents}
+        self.install_config([*ev["added"], *ev["changed"], *ev["resized"]])
+        for name, n in running.items():  # resized: the count it runs, within the new bounds
+            ac = config.agents[name]
+            self.agents[name].instances = min(max(n, ac.floor), ac.ceiling)
+        for name in ev["removed"]:
+            agent = self.agents.get(name)
+            if agent is not None:
+                agent.config = None
 
     def _add(self, name: str, ac: AgentConfig | None, origin: str) -> Agent:
         agent = Agent(
@@ -191,6 +212,25 @@ class Dispatcher:
                 agent = self.agents.get(name) or self._add(name, None, "config")
                 agent.origin = "config"
                 agent.priority = prio
+        elif kind == "reload":
+            # Agents removed from the config leave, unless they hold messages:
+            # then they stay as mailboxes without a process.
+            for name in ev["removed"]:
+                gone = self.agents.get(name)
+                if gone is None:
+                    continue
+                if gone.queued or gone.inflight or gone.delayed:
+                    gone.origin = "mkdir"
+                    gone.instances = 0
+                else:
+                    del self.agents[name]
+            for name in ev["added"]:
+                if name not in self.agents:
+                    self._add(name, None, "config")
+        elif kind == "scale":
+            scaled = self.agents.get(ev["agent"])
+            if scaled is not None:
+                scaled.instances = ev["instances"]
         elif kind == "ctl":
             words = ev["command"].split()
             target = self.agents.get(ev["agent"])
@@ -198,6 +238,8 @@ class Dispatcher:
                 return
             if words[0] == "priority":
                 target.priority = words[1]
+            elif words[0] == "instances":
+                target.instances = int(words[1])
             elif words[0] == "bind":
                 target.grants = self.base_grants(target.name)
             elif words[0] == "unveil":

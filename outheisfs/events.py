@@ -9,7 +9,7 @@ The log adds `seq` and `ts` when it appends.
 from __future__ import annotations
 
 import errno as errno_
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .names import SERVER
@@ -117,6 +117,35 @@ def mount(mountpoint: str, pid: int, durability: str, agents: Mapping[str, str])
 
 def umount(mountpoint: str) -> Event:
     return {"type": "umount", "mountpoint": mountpoint}
+
+
+def reload(
+    who: str,
+    config: str,
+    changes: Mapping[str, Sequence[str]],
+    agents: Mapping[str, str],
+) -> Event:
+    """`changes`: added, changed, resized, removed, kept (removed but holding
+    messages), remount (top-level keys that wait for the next mount)."""
+    return {
+        "type": "reload",
+        "who": who,
+        "config": config,
+        **{k: list(v) for k, v in changes.items()},
+        "agents": dict(agents),
+    }
+
+
+def scale(agent: str, was: int, instances: int, instance: int, reason: str) -> Event:
+    """A pool that sizes itself started or stopped `instance`: `was` -> `instances`."""
+    return {
+        "type": "scale",
+        "agent": agent,
+        "was": was,
+        "instances": instances,
+        "instance": instance,
+        "reason": reason,
+    }
 
 
 # -- processes -------------------------------------------------------------------------

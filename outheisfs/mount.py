@@ -26,14 +26,16 @@ import trio
 from . import checkpoint, events, procinfo, retain
 from .config import Config
 from .dispatcher import Dispatcher
-from .errors import LogDamaged
+from .errors import LogDamaged, OutheisError
 from .eventlog import EventLog
 from .mounts import fsname, hint
-from .names import XATTR_PID
+from .names import SERVER, XATTR_PID
 from .ops import Operations
+from .pools import Pools
 from .procevents import ProcEvents
 from .procstate import Processes
 from .progress import Progress
+from .reload import Parts, Reloader
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Options:
     state: Path
     durability: str
     host: str | None = None  # --host: this mount's name in a cluster (not used alone)
+    config_file: Path | None = None  # what `reload` reads again (None: ./outheis.toml)
 
 
 # -- checks before mounting ----------------------------------------------------------
@@ -177,7 +180,8 @@ def recover(
 
 
 async def serve(opts: Options, ready: Ready) -> None:
-    """Mount and serve until unmounted or told to stop (SIGTERM, SIGINT, SIGHUP)."""
+    """Mount and serve until unmounted or told to stop (SIGTERM, SIGINT); SIGHUP
+    reads the config again (`reload`)."""
     check_fuse()
     check_mountpoint(opts.mountpoint)
     lock_fd = lock_state(opts.state)
@@ -224,12 +228,16 @@ async def _serve(
         opts.config.stop_grace,
         table,
         ops.files.output,
+        ops.files.readers,
     )
     ops.commands.supervisor = supervisor
     if attach is not None:
         # A cluster: the supervisor runs only the agents placed on this host; ctl
         # shows where each runs.
         ops.commands.host_of = attach(supervisor)
+    parts = Parts(supervisor, table, ops.tree, ops.store, ops.vault, ops.rights, ops.files.output)
+    reloader = Reloader(d, parts, opts.state, opts.config_file)
+    ops.commands.reload = reloader.reload
     # The source shows the state folder: `mount` and `df` tell servers apart.
     options = {fsname(opts.state), "subtype=outheisfs", "noatime"}
     if os.geteuid() == 0:
@@ -265,8 +273,12 @@ async def _serve(
             await trio.to_thread.run_sync(os.stat, opts.mountpoint / "ctl")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 await nursery.start(supervisor.run)
+                nursery.start_soon(Pools(d, supervisor).run)
                 ready.ok()
                 async for signum in sigs:
+                    if signum == signal.SIGHUP:  # read the config again, as daemons do
+                        nursery.start_soon(_reload, d, reloader)
+                        continue
                     log.info("signal %d: shutting down", signum)
                     break
             # Agents go first, while the mount still answers them.
@@ -285,6 +297,14 @@ async def _serve(
         pyfuse3.close(unmount=True)
         os.ftruncate(lock_fd, 0)  # no pid left behind for someone to signal later
         os.close(lock_fd)
+
+
+async def _reload(d: Dispatcher, reloader: Reloader) -> None:
+    """SIGHUP: a reload by the server; a refusal is an `error` event, nothing changes."""
+    try:
+        await reloader.reload(SERVER)
+    except OutheisError as e:
+        d.note(events.error("/ctl", e.errno, e.reason))
 
 
 class Ready:

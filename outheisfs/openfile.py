@@ -31,7 +31,7 @@ from typing import Protocol
 
 import trio
 
-from . import approvals, flows, gate, procinfo
+from . import approvals, flows, procinfo
 from .access import Access
 from .ctl import Commands
 from .dispatcher import Agent, Dispatcher
@@ -55,6 +55,7 @@ from .offloop import OffLoop
 from .output import Output
 from .parking import Parking, Watch
 from .procevents import ProcEvents
+from .readers import Readers
 from .tree import Kind, Node, Read, Write
 from .views import View
 
@@ -150,6 +151,7 @@ class OpenFiles:
         self.waiting: dict[str, int] = {}  # requests parked
         self.unfinished: dict[str, int] = {}  # bytes of unterminated lines
         self.parking = Parking()
+        self.readers = Readers()  # instances waiting idle on their inbox (pools that shrink)
         self.offloop = OffLoop()  # counting a closer's descriptors, per agent
         self._ticks = itertools.count(1)
         self.nursery: trio.Nursery | None = None  # where settlements wait out the grace
@@ -304,11 +306,9 @@ class OpenFiles:
         except trio.WouldBlock:
             await h.sending.acquire()
         try:
-            if h.node.row.kind is Kind.ROOT_CTL:
-                gate.run(self.d, h.who, lines)
-            elif h.node.row.write is Write.COMMAND:
+            if h.node.row.write is Write.COMMAND:
                 await self.commands.run(
-                    h.who, str(h.node.agent), lines, lambda: self._opener(h), self._drop_held
+                    h.who, h.node.agent, lines, lambda: self._opener(h), self._drop_held
                 )
                 await self.log.settled()
             else:
@@ -448,6 +448,10 @@ class OpenFiles:
                     raise WouldBlock(f"{name} holds {cap} messages unacked (max_inflight)")
                 await self._park(_lot(self._arrived, name), h)
                 continue
+            if self.readers.retired(name, instance):
+                # Chosen to stop while idle: it takes nothing more; its signal ends this.
+                await self._park(trio.lowlevel.ParkingLot(), h)
+                continue
             msg = self.d.take(name, h.pid, instance)
             if msg is not None and await self.log.settled():
                 break  # (in a cluster: unless another reader's delivery came first)
@@ -455,7 +459,14 @@ class OpenFiles:
                 continue
             if h.nonblock:
                 raise WouldBlock("inbox is empty")
-            await self._park(_lot(self._arrived, name), h)
+            if instance is None:
+                await self._park(_lot(self._arrived, name), h)
+                continue
+            self.readers.wait(name, instance)
+            try:
+                await self._park(_lot(self._arrived, name), h)
+            finally:
+                self.readers.done(name, instance)
         await self.log.durable()
         if explicit:  # reading acks nothing; the holder acks by id
             h.taken = [(m, a) for m, a in h.taken if m.state == INFLIGHT and m.delivered == a]

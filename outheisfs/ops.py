@@ -143,8 +143,8 @@ class Operations(pyfuse3.Operations):
         return True
 
     def _writable(self, row: Row) -> bool:
-        """The root ctl takes commands (approve, reject) only while the gate is in use."""
-        return row.writable and (row.kind is not Kind.ROOT_CTL or gate.in_use(self.d))
+        """Whether the file takes writes at all (who may write is decided at open)."""
+        return row.writable
 
     def _handle(self, fh: int) -> Handle:
         h = self.files.handles.get(fh)

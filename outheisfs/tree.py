@@ -96,7 +96,7 @@ class Row:
 ROOT = Row("", Kind.ROOT, 0o755, is_dir=True)
 ROOT_ROWS = (
     # name, kind, mode, own, other, read, write, stream
-    Row("ctl", Kind.ROOT_CTL, 0o660, "", "r", Read.STATUS, Write.COMMAND),
+    Row("ctl", Kind.ROOT_CTL, 0o660, "", "r", Read.STATUS, Write.COMMAND),  # operator: reload
     Row("log", Kind.ROOT_LOG, 0o440, "", "r", Read.STREAM),
     Row("agents", Kind.AGENTS, 0o770, is_dir=True),
     Row("vault", Kind.VAULT, 0o770, is_dir=True),

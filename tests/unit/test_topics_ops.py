@@ -77,8 +77,12 @@ async def test_topics_and_approvals_appear_only_when_configured(
     assert await listing(plain, "/") == ["ctl", "log", "agents", "vault"]
     for name in (b"topics", b"approvals"):
         assert await errno_of(plain.ops.lookup(ROOT_INODE, name, plain.ctx)) == errno.ENOENT
-    assert not await mode(plain, "ctl") & 0o222  # nothing to command: no write bit
-    assert await errno_of(plain.ops.open(await plain.ino("ctl"), WR, plain.ctx)) == errno.EACCES
+    assert await mode(plain, "ctl") & 0o777 == 0o660  # the operator's reload, gate or not
+    fh = await plain.open("ctl", WR)  # approve without a gate: nothing waits there
+    assert await errno_of(plain.ops.write(fh, 0, b"approve 01J0000000000000000000000A\n")) == (
+        errno.ENOENT
+    )
+    await plain.ops.release(fh)
     env = make(tmp_path / "b", envs)
     assert await listing(env, "/") == ["ctl", "log", "agents", "vault", "topics", "approvals"]
     assert await listing(env, "topics") == ["desk"]
