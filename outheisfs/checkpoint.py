@@ -59,7 +59,7 @@ FORMAT = 1  # raise when the meaning of a field changes without its name changin
 FOLDER = "checkpoints"
 SUFFIX = ".ckpt"
 KEEP = 2  # the newest checkpoints kept (and the one a bounded log starts from)
-TRANSIENT = frozenset({"config", "log", "listeners"})  # the dispatcher's, not state
+TRANSIENT = frozenset({"config", "log", "listeners", "topics"})  # not state: the config's
 # The classes a checkpoint may hold, and how to make an empty one (for the shape).
 CLASSES: dict[type, Callable[[], object]] = {
     Agent: lambda: Agent("x", None, "normal", Inbox(1.0)),

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from outheisfs import checkpoint, events, flows, retain
-from outheisfs.config import Config
+from outheisfs.config import Config, parse_config
 from outheisfs.dispatcher import Dispatcher
 from outheisfs.errors import LogDamaged
 from outheisfs.eventlog import EventLog
@@ -527,3 +527,32 @@ def test_retain_and_checkpoint_every_are_checked_and_named(text: str, ok: bool) 
     else:
         with pytest.raises(ConfigError, match=text.split()[0]):
             parse_config(text, Path("."))
+
+
+def test_held_messages_and_topics_survive_a_checkpoint(tmp_path: Path) -> None:
+    """A message held at the gate is state a checkpoint carries; the topics (with
+    their compiled rules) are the config's, rebuilt at load, not pickled."""
+    config = parse_config(
+        """
+[topics.desk]
+deliver = ["a"]
+[[topics.desk.rule]]
+match = { "body.text" = { regex = "(?i)refund" } }
+deliver = ["g"]
+[agents.a]
+send = ["g", "topics/desk"]
+[agents.g]
+approve = ["a"]
+""",
+        tmp_path,
+    )
+    d, log = open_dispatcher(tmp_path, config)
+    d.deliver(d.plan("a", [Draft(body="please refund")], "g"))
+    held = dict(d.agents["g"].held)
+    assert len(held) == 1 and d.agents["g"].queued == 0
+    back = checkpoint.loads(checkpoint.dumps(d), config)
+    back.install_config()
+    assert state(back) == state(d)
+    assert list(back.agents["g"].held) == list(held)
+    assert back.topics.keys() == {"desk"}
+    log.close()

@@ -113,7 +113,8 @@ async def test_the_root_ctl_refuses_other_commands_with_a_reason(env: OpsEnv) ->
     for line, why in [
         (
             b"stop\n",
-            "unknown command of the root ctl 'stop'; known: approve, reject, reload (stop is for an agent ctl)",
+            "unknown command of the root ctl 'stop'; known: approve, reject, reload"
+            " (stop is for an agent ctl)",
         ),
         (b"reload now\n", "usage: reload (reload takes no argument)"),
         (b"reload\n", "reload: this server cannot reload its config"),
