@@ -260,7 +260,7 @@ def test_instances_n_of_a_pool_stays_within_its_bounds(tmp_path: Path) -> None:
     d, log = open_dispatcher(tmp_path, cfg)
     procs = ProcEvents()
     commands = ctl.Commands(d, procs, Processes(cfg), tmp_path)
-    commands.supervisor = type("S", (), {"supervises": lambda self, n: True})()
+    commands.supervisor = type("S", (), {"supervises": lambda self, n: True, "placed": None})()
     commands.check("user", "w", ctl.parse("instances 3"))
     for n in ("1", "4"):
         with pytest.raises(BadInput) as e:
