@@ -12,6 +12,8 @@ modules listed below it, and `bench` stands apart):
     mount       the server's life: checks, replay, mount, serve, clean stop
     run         `outheisfs run`: a command bound to an agent
     follow      `outheisfs follow`: the log as it grows, across remounts
+    reload      `outheisfs reload`, SIGHUP: the config again, only the difference applied
+    pools       pools that size themselves: the service that applies `scaling`
     ops         the pyfuse3 adapter: one documented handler per FUSE request
     vaultops    the vault's requests, with owners and views (the vault's adapter)
     openfile    an open agent file: reads, writes, parked requests, close grace
@@ -24,9 +26,16 @@ modules listed below it, and `bench` stands apart):
     parking     requests that wait, and the signals that end them
     cluster.node   one host of a cluster: the log on the stream, the state folder
                 its cache; cluster.order: what the stream's order lets take effect
+    retain      a bounded log: events older than the rule and held by a checkpoint go
+    checkpoint  the dispatcher's state as of one seq, so that start-up reads only the rest
+    readers     which instances wait idle on their inbox; retired ones take nothing
+    scaling     how many instances a pool that sizes itself runs: the pure rule
     dispatcher  agents, queues, in-flight messages: a pure state machine of events
+    gate        the approval gate: held messages, the operator's approve/reject
+    approvals   the root `approvals` file: what waits at the gate, and tail's journal
     grants      owners' grants of read access to their vault domains (state machine part)
     eventlog    the append-only event log, the single source of truth
+    streamindex agents' log and outbox as an index into the event log, not copies
     events      the event vocabulary: one constructor per event type
     inbox       one agent's queue: priority classes with aging
     procstate   what each agent's processes are doing (state, pids, restarts)
@@ -38,6 +47,7 @@ modules listed below it, and `bench` stands apart):
     models      messages and envelopes, ids, timestamps
     lines       cutting writes into lines
     config      the TOML configuration, checked with pydantic
+    routing     topics' rules: JSON paths of the envelope, tests, destinations
     operators   who acts as the operator: the mounting user, root, `operators`
     confine     the seccomp filter agent processes run under
     procinfo    what /proc says about a process; exit statuses in words

@@ -41,6 +41,9 @@ def build_parser() -> Parser:
     u = sub.add_parser("umount", help="stop the server and unmount")
     u.add_argument("mountpoint", nargs="?", help=WHICH)
 
+    rl = sub.add_parser("reload", help="read the config again and apply the difference")
+    rl.add_argument("mountpoint", nargs="?", help=WHICH)
+
     r = sub.add_parser(
         "run",
         help="run COMMAND as agent NAME",
@@ -72,6 +75,7 @@ def build_parser() -> Parser:
     rp = sub.add_parser("replay", help="rebuild the state from the log and print it")
     rp.add_argument("--state", type=Path, default=Path(".outheis"))
     rp.add_argument("--until", type=int)
+    rp.add_argument("--full", action="store_true", help="read the whole log, no checkpoint")
     rp.add_argument("--json", action="store_true")
     rp.add_argument("--cluster", action="store_true", help="from the [cluster] stream")
     rp.add_argument("--config", type=Path, help="a config with [cluster]: replay its stream")
@@ -105,7 +109,8 @@ def build_parser() -> Parser:
 
 
 COMMANDS = {
-    "mount", "umount", "run", "follow", "replay", "bench", "top", "trace", "ask", "completion",
+    "mount", "umount", "reload", "run", "follow", "replay", "bench", "top", "trace", "ask",
+    "completion",
 }  # fmt: skip
 
 
@@ -135,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = {
             "mount": cmd_mount,
             "umount": cmd_umount,
+            "reload": cmd_reload,
             "replay": cmd_replay,
             "run": cmd_run,
             "bench": cmd_bench,
@@ -196,7 +202,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     opts = mount.Options(
-        config=config, mountpoint=mp, state=state, durability=durability, host=args.host
+        config=config,
+        mountpoint=mp,
+        state=state,
+        durability=durability,
+        host=args.host,
+        config_file=args.config.absolute() if args.config is not None else None,
     )
     return mount.run_foreground(opts, args.ready_fd)
 
@@ -205,6 +216,46 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from . import mount
 
     return mount.umount(mounts.mountpoint(args.mountpoint))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Write `reload` to the root ctl; print what changed, or why nothing did."""
+    import errno
+
+    from .names import XATTR_PID
+    from .run import reasons
+
+    mp = mounts.mountpoint(args.mountpoint)
+    try:
+        os.getxattr(mp, XATTR_PID.decode())
+    except OSError as e:
+        where = "does not exist" if e.errno == errno.ENOENT else "is not an outheisfs mount"
+        print(f"outheisfs: reload: {mp} {where}{mounts.hint(mp)}", file=sys.stderr)
+        return 2 if e.errno == errno.ENOENT else 1
+    errors, log = mp / "agents" / "user" / "errors", mp / "log"
+    start, seen = os.stat(errors).st_size, os.stat(log).st_size
+    try:  # one write(2), not a buffered file that writes again at close
+        fd = os.open(mp / "ctl", os.O_WRONLY)
+        try:
+            os.write(fd, b"reload\n")
+        finally:
+            os.close(fd)
+    except OSError as e:
+        why = reasons(errors, start)
+        text = why[-1].split(": ", 1)[-1] if why else os.strerror(e.errno or errno.EIO)
+        print(f"outheisfs: {text}", file=sys.stderr)
+        return 2 if e.errno == errno.EINVAL else 1
+    with open(log, "rb") as f:
+        f.seek(seen)
+        done = [ev for ev in map(json.loads, f.read().splitlines()) if ev["type"] == "reload"]
+    if done:
+        ev = done[-1]
+        keys = ("added", "changed", "resized", "removed", "kept")
+        said = [f"{k} {', '.join(ev[k])}" for k in keys if ev[k]]
+        print("reloaded: " + ("; ".join(said) or "nothing changed"))
+        if ev["remount"]:
+            print(f"not before the next mount: {', '.join(ev['remount'])}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -294,24 +345,32 @@ def cmd_completion(args: argparse.Namespace) -> int:
     return 0
 
 
-def replay_state(state: Path, until: int | None) -> dict[str, Any]:
+def replay_state(state: Path, until: int | None, full: bool = False) -> dict[str, Any]:
     """The state as of the end of the log (or of event `until`), for printing."""
+    from . import checkpoint
     from .config import Config
     from .dispatcher import Dispatcher
     from .eventlog import EventLog
     from .progress import Progress
 
     elog = EventLog(state, readonly=True)
-    d = Dispatcher(Config(), None)
+    if full:
+        d, start = Dispatcher(Config(), None), None
+    else:
+        d, start = checkpoint.restore(state, Config(), elog, until)
     line = Progress("replay")  # on a terminal only
     try:
-        report = elog.open(d.apply, until, lambda done, total: line.update(done, total, "bytes"))
+        report = elog.open(
+            d.apply, until, lambda done, total: line.update(done, total, "bytes"), start
+        )
     finally:
         line.done()
-    return summary(d, report.events, report.torn)
+    return summary(d, report.events, report.torn, report.checkpoint)
 
 
-def summary(d: Any, read: int, torn: tuple[int, int] | None = None) -> dict[str, Any]:
+def summary(
+    d: Any, read: int, torn: tuple[int, int] | None = None, checkpoint: int = 0
+) -> dict[str, Any]:
     """A replayed dispatcher's state, for printing."""
     agents: dict[str, Any] = {}
     for name, a in sorted(d.agents.items()):
@@ -319,12 +378,14 @@ def summary(d: Any, read: int, torn: tuple[int, int] | None = None) -> dict[str,
             "priority": a.priority,
             "queued": [_msg(m) for m in a.inbox.messages()],
             "inflight": [_msg(m) for m in a.inflight.values()],
+            "held": [_msg(m) for m in a.held.values()],  # waiting for approval
             "delivered": a.delivered,
             "dead": a.dead,
         }
     return {
         "seq": d.seq,
         "events": read,
+        "checkpoint": checkpoint,
         "torn": None if torn is None else {"offset": torn[0], "bytes": torn[1]},
         "agents": agents,
         "grants": d.granted,  # grantee -> path -> the owner who granted it (read access)
@@ -374,14 +435,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return 1
     else:
         try:
-            s = replay_state(state, args.until)
+            s = replay_state(state, args.until, args.full)
         except LogDamaged as e:
             print(f"outheisfs: {e}", file=sys.stderr)
             return 1
     if args.json:
         print(json.dumps(s))
         return 0
-    print(f"state as of seq {s['seq']} ({s['events']} events read)")
+    since = f", after the checkpoint at seq {s['checkpoint']}" if s["checkpoint"] else ""
+    print(f"state as of seq {s['seq']} ({s['events']} events read{since})")
     if s["torn"]:
         print(f"torn last record: {s['torn']['bytes']} bytes at byte {s['torn']['offset']}")
     print(
@@ -393,7 +455,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             f"{a['delivered']:9} {a['dead']:5}"
         )
     for name, a in s["agents"].items():
-        for label in ("inflight", "queued"):
+        for label in ("inflight", "queued", "held"):
             for m in a[label]:
                 body = json.dumps(m["body"])
                 body = body if len(body) <= 60 else body[:57] + "..."

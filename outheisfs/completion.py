@@ -34,7 +34,7 @@ _outheisfs() {
   local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD - 1]}
   COMPREPLY=()
   if ((COMP_CWORD == 1)); then
-    local all="mount umount run follow replay bench top trace ask completion --help"
+    local all="mount umount reload run follow replay bench top trace ask completion --help"
     COMPREPLY=($(compgen -W "$all" -- "$cur"))
     return
   fi
@@ -50,7 +50,7 @@ _outheisfs() {
     mount) opts="--config --state --foreground --durability" ;;
     run) opts="--mount --unveil --send" ;;
     follow) opts="--since --agent --type" ;;
-    replay) opts="--state --until --json --cluster --config" ;;
+    replay) opts="--state --until --full --json --cluster --config" ;;
     bench) opts="--quick --json" ;;
     trace) opts="--state --mount --json" ;;
     ask) opts="--mount --timeout --json" ;;
@@ -63,7 +63,7 @@ _outheisfs() {
   local n=$?
   mp=$(_outheisfs_mountpoint)
   case $cmd in
-    mount | umount | top | follow) COMPREPLY=($(compgen -d -- "$cur")) ;;
+    mount | umount | reload | top | follow) COMPREPLY=($(compgen -d -- "$cur")) ;;
     completion) ((n == 0)) && COMPREPLY=($(compgen -W "bash" -- "$cur")) ;;
     ask | run)
       if ((n == 0)); then

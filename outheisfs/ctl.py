@@ -9,12 +9,12 @@ methods; `bind` labels the writing process as the agent.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import events, flows, grants, landlock, sandbox
-from .config import PRIORITIES
+from . import events, flows, gate, grants, landlock, sandbox
+from .config import MAX_INSTANCES, PRIORITIES
 from .dispatcher import Agent, Dispatcher
 from .errors import BadInput, NotFound, NotPermitted
 from .models import is_id
@@ -42,10 +42,23 @@ COMMANDS: dict[str, tuple[int, int, str]] = {
     "purge": (1, 1, "purge ID|all"),
     "grant": (3, 3, "grant AGENT PATH r"),
     "revoke": (2, 2, "revoke AGENT PATH"),
+    "instances": (1, 1, f"instances N (1 to {MAX_INSTANCES})"),
 }
+# What a usage error adds for commands that take no argument.
+HINTS = {
+    c: f": it {c}s every instance; to run a number of instances: instances N"
+    for c in ("start", "stop", "restart", "kill")
+}
+# Commands of the root ctl (the operator's only).
+ROOT_COMMANDS: dict[str, tuple[int, int, str]] = {
+    "reload": (0, 0, "reload"),
+    "approve": (1, 1, "approve ID"),
+    "reject": (2, 1 << 16, "reject ID REASON"),
+}
+GATE = {"approve", "reject"}  # the operator's decisions at the approval gate
 HOLDING = {"ack", "nack", "term", "progress"}  # commands about a message held in flight
 DEAD = {"requeue", "purge"}  # commands about dead letters
-SUPERVISOR = {"start", "stop", "restart", "kill"}
+SUPERVISOR = {"start", "stop", "restart", "kill", "instances"}
 OPERATOR_ONLY = SUPERVISOR | {"priority", "bind", "take"}  # commands only the operator may give
 
 
@@ -58,17 +71,26 @@ class Command:
         return " ".join((self.name, *self.args))
 
 
-def parse(line: str) -> Command:
+def parse(line: str, table: dict[str, tuple[int, int, str]] = COMMANDS) -> Command:
     words = line.split()
     if not words:
         raise BadInput("empty command")
     name, args = words[0], tuple(words[1:])
-    spec = COMMANDS.get(name)
+    spec = table.get(name)
     if spec is None:
-        raise BadInput(f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
+        where = "" if table is COMMANDS else " of the root ctl"
+        other = ROOT_COMMANDS if table is COMMANDS else COMMANDS
+        hint = f" ({name} is for {'the root ctl' if table is COMMANDS else 'an agent ctl'})"
+        raise BadInput(
+            f"unknown command{where} {name!r}; known: {', '.join(sorted(table))}"
+            + (hint if name in other else "")
+        )
     lo, hi, usage = spec
     if not lo <= len(args) <= hi:
-        raise BadInput(f"usage: {usage}")
+        hint = f" ({name} takes no argument{HINTS.get(name, '')})" if not lo and not hi else ""
+        raise BadInput(f"usage: {usage}{hint}")
+    if name == "instances" and not (args[0].isdigit() and 1 <= int(args[0]) <= MAX_INSTANCES):
+        raise BadInput(f"instances: {args[0]!r} is not a number of instances; usage: {usage}")
     if name == "priority" and args[0] not in PRIORITIES:
         raise BadInput(f"unknown priority class {args[0]!r}; usage: {usage}")
     if name == "unveil":
@@ -141,7 +163,7 @@ def agent_status(
     if ac is not None:
         rows += [
             ("command", " ".join(ac.command) if ac.command else "-"),
-            ("instances", str(ac.instances)),
+            ("instances", instances(agent)),
             ("max_restarts", str(ac.max_restarts)),
             ("restart_window", str(ac.restart_window)),
             ("env", ",".join(f"{k}={v}" for k, v in ac.env.items()) or "-"),
@@ -150,12 +172,21 @@ def agent_status(
         ("ack", ac.ack if ac else "auto"),
         ("delayed", str(len(agent.delayed))),
         ("dead_letters", str(len(agent.dead_letters))),
+        ("held", str(len(agent.held))),  # waiting for the operator's approval
     ]
     if ac is not None and ac.ack == "explicit":
         rows += [("max_inflight", str(ac.max_inflight)), ("ack_wait", f"{ac.ack_wait:g}")]
     if proc.state == "failed":
         rows.append(("next_start", proc.next_start or "-"))
     return "".join(f"{k} {v}\n" for k, v in rows)
+
+
+def instances(agent: Agent) -> str:
+    """How many processes it runs now; for a pool that sizes itself, with its bounds."""
+    ac = agent.config
+    if ac is None:
+        return "-"
+    return f"{agent.instances} ({ac.floor}..{ac.ceiling})" if ac.pool else str(agent.instances)
 
 
 def root_status(
@@ -184,6 +215,8 @@ class Commands:
         self.state = state  # for the confinement shown (TMPDIR, the state folder's place)
         self.exists: Callable[[str], bool] = lambda path: True  # whether a path is in the tree
         self.host_of: Callable[[str], str] | None = None  # in a cluster: where NAME runs
+        # Rereads the config and applies the difference (set by the server, `reload`).
+        self.reload: Callable[[str], Awaitable[object]] | None = None
 
     def status(self, name: str | None) -> bytes:
         """What a ctl file reads as now (the root's if `name` is None). An agent
@@ -210,22 +243,41 @@ class Commands:
     async def run(
         self,
         who: str,
-        name: str,
+        name: str | None,
         lines: list[bytes],
         writer: Callable[[], int],
         drop_held: Callable[[str, str | None], None],
     ) -> None:
-        """Carry out `lines` written by `who` to NAME's ctl. `writer()` gives the
+        """Carry out `lines` written by `who` to NAME's ctl (None: the root's). `writer()` gives the
         writing process (for `bind`); `drop_held(name, id)` lets the open files
         that hold an acknowledged message forget it (id None: all of NAME's)."""
+        table = COMMANDS if name is not None else ROOT_COMMANDS
         try:
-            commands = [parse(line.decode()) for line in lines if line.strip()]
+            commands = [parse(line.decode(), table) for line in lines if line.strip()]
         except UnicodeDecodeError:
             raise BadInput("command is not UTF-8 text") from None
+        if name is None:
+            await self._root(who, commands)
+            return
         for cmd in commands:  # all or nothing: every command is checked first
             self.check(who, name, cmd, writer)
         for cmd in commands:
             await self._execute(who, name, cmd, writer, drop_held)
+
+    async def _root(self, who: str, commands: list[Command]) -> None:
+        """Commands written to the root ctl, the operator's only: the gate's
+        `approve`/`reject` (all checked first, then carried out), then `reload`."""
+        if commands and who != OPERATOR:
+            raise NotPermitted(f"{commands[0].name}: only the operator may do this")
+        decisions = [str(c).encode() for c in commands if c.name in GATE]
+        if decisions:
+            gate.run(self.d, who, decisions)
+        for cmd in commands:
+            if cmd.name != "reload":
+                continue
+            if self.reload is None:
+                raise BadInput("reload: this server cannot reload its config")
+            await self.reload(who)
 
     def instance(self, pid: int, name: str) -> int | None:
         """Which supervised instance of NAME the process `pid` belongs to, if any."""
@@ -246,6 +298,10 @@ class Commands:
             placed = self.supervisor.placed  # in a cluster: this host runs it, or another
             if placed is not None and not placed(name):
                 raise BadInput(f"agent {name!r} runs on another host (see its ctl's host)")
+            ac = self.d.agents[name].config
+            n = int(cmd.args[0]) if cmd.name == "instances" else 0
+            if ac is not None and ac.pool and n and not ac.floor <= n <= ac.ceiling:
+                raise BadInput(f"instances: {n} is outside the pool's {ac.floor}..{ac.ceiling}")
         elif cmd.name == "bind" and name == OPERATOR:
             raise BadInput("bind: 'user' is the operator, not an agent to run as")
         elif cmd.name == "unveil" and name == OPERATOR:
@@ -280,7 +336,8 @@ class Commands:
                 raise BadInput(f"{cmd.name}: {one} is not a dead letter of {name}")
         elif cmd.name == "take":
             msg = self.d.messages.get(cmd.args[0])
-            if msg is None or msg.to != name or msg.id in self.d.agents[name].inflight:
+            agent = self.d.agents[name]
+            if msg is None or msg.to != name or msg.id in agent.inflight or msg.id in agent.held:
                 raise NotFound(f"take: {cmd.args[0]} is not queued for {name}")
 
     async def _execute(

@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from . import events, flows, grants
+from . import events, flows, gate, grants, routing
 from .config import AgentConfig, Config, valid_name
 from .errors import BadInput, Busy, Exists, NotEmpty, NotFound, TooBig
 from .events import Event
 from .inbox import Inbox
-from .models import DEAD, INFLIGHT, QUEUED, Draft, Message, new_id, parse_ts
+from .models import DEAD, EXTRA, HELD, INFLIGHT, QUEUED, Draft, Message, new_id, parse_ts
 from .names import OPERATOR
 from .views import HIDE, View, normalize
 
@@ -43,10 +43,12 @@ class Agent:
     inflight: dict[str, Message] = field(default_factory=dict)
     delayed: dict[str, Message] = field(default_factory=dict)  # nacked with a delay
     dead_letters: dict[str, Message] = field(default_factory=dict)
+    held: dict[str, Message] = field(default_factory=dict)  # waiting for approval (`gate`)
     delivered: int = 0
     dead: int = 0
     origin: str = "config"  # config | mkdir | message (created by a message to it)
     grants: dict[str, str] = field(default_factory=dict)  # its view, see views.py
+    instances: int = 0  # processes it should run now: config, ctl `instances N`, `scale`
 
     @property
     def queued(self) -> int:
@@ -69,20 +71,42 @@ class Dispatcher:
         self.granted: grants.Granted = {}
         # Told of every event applied live (not in replay), after it is applied.
         self.listeners: list[Callable[[Event], None]] = []
+        self.topics: dict[str, routing.Topic] = {}
         self._add(OPERATOR, None, "builtin")
         self.install_config()
 
-    def install_config(self) -> None:
+    def install_config(self, names: Iterable[str] | None = None) -> None:
         """The agents of the config in force, with their settings (again after replay,
-        which may have brought back or retired agents of older configs)."""
+        which may have brought back or retired agents of older configs); after a
+        reload, only those named."""
+        self.topics = {n: t.compiled(n) for n, t in self.config.topics.items()}
         for name, ac in self.config.agents.items():
+            if names is not None and name not in names:
+                continue
             agent = self.agents.get(name) or self._add(name, ac, "config")
             agent.config = ac
             agent.origin = "config"
             agent.priority = ac.priority
+            agent.instances = ac.floor
         grants.prune(self)  # a grant lapses with its giver's ownership of the domain
         for name in self.config.agents:
-            self.agents[name].grants = self.base_grants(name)
+            if names is None or name in names:
+                self.agents[name].grants = self.base_grants(name)
+
+    def reconfigure(self, config: Config, ev: Event) -> None:
+        """A reload: log `ev` (its `reload` event: what changed), then take `config`
+        as the one in force and install the agents it added, changed or resized."""
+        self.record([ev])
+        self.config = config
+        running = {n: self.agents[n].instances for n in ev["resized"] if n in self.agents}
+        self.install_config([*ev["added"], *ev["changed"], *ev["resized"]])
+        for name, n in running.items():  # resized: the count it runs, within the new bounds
+            ac = config.agents[name]
+            self.agents[name].instances = min(max(n, ac.floor), ac.ceiling)
+        for name in ev["removed"]:
+            agent = self.agents.get(name)
+            if agent is not None:
+                agent.config = None
 
     def _add(self, name: str, ac: AgentConfig | None, origin: str) -> Agent:
         agent = Agent(
@@ -125,6 +149,7 @@ class Dispatcher:
                 priority=ev["priority"],
                 body=ev["body"],
                 reply_to=ev["reply_to"],
+                extra={k: ev[k] for k in EXTRA if k in ev} or None,
             )
             self.messages[msg.id] = msg
             agent.inbox.push(msg)
@@ -179,7 +204,7 @@ class Dispatcher:
             # message, leave.
             current = ev.get("agents", {})
             for name, agent in list(self.agents.items()):
-                idle = not agent.queued and not agent.inflight and not agent.delayed
+                idle = not (agent.queued or agent.inflight or agent.delayed or agent.held)
                 if agent.origin == "config" and name not in current and idle:
                     del self.agents[name]
                     grants.forget(self, name)
@@ -187,6 +212,25 @@ class Dispatcher:
                 agent = self.agents.get(name) or self._add(name, None, "config")
                 agent.origin = "config"
                 agent.priority = prio
+        elif kind == "reload":
+            # Agents removed from the config leave, unless they hold messages:
+            # then they stay as mailboxes without a process.
+            for name in ev["removed"]:
+                gone = self.agents.get(name)
+                if gone is None:
+                    continue
+                if gone.queued or gone.inflight or gone.delayed:
+                    gone.origin = "mkdir"
+                    gone.instances = 0
+                else:
+                    del self.agents[name]
+            for name in ev["added"]:
+                if name not in self.agents:
+                    self._add(name, None, "config")
+        elif kind == "scale":
+            scaled = self.agents.get(ev["agent"])
+            if scaled is not None:
+                scaled.instances = ev["instances"]
         elif kind == "ctl":
             words = ev["command"].split()
             target = self.agents.get(ev["agent"])
@@ -194,6 +238,8 @@ class Dispatcher:
                 return
             if words[0] == "priority":
                 target.priority = words[1]
+            elif words[0] == "instances":
+                target.instances = int(words[1])
             elif words[0] == "bind":
                 target.grants = self.base_grants(target.name)
             elif words[0] == "unveil":
@@ -205,6 +251,8 @@ class Dispatcher:
                 started.grants = self.base_grants(started.name)
         elif kind in flows.EVENTS:
             flows.apply(self, ev)
+        elif kind in gate.EVENTS:
+            gate.apply(self, ev)
         elif kind in grants.EVENTS:
             grants.apply(self, ev)
 
@@ -247,17 +295,23 @@ class Dispatcher:
         drafts: list[Draft],
         default_to: str | None,
         held: tuple[str, ...] = (),
+        topic: str | None = None,
     ) -> list[Event]:
         """Turn parsed lines into message events, checking everything first.
 
         `default_to` is the inbox written to; None for an outbox, where a draft
         without `to` is a reply to the message the sender holds in flight (of
-        several, the one in `held`: the writing process's own).
+        several, the one in `held`: the writing process's own). With `topic`,
+        the topic's list and rules pick the destinations: a copy for each. A
+        message to an agent that gates its sender is followed by its `held` event.
         """
         out: list[Event] = []
         src = self.agent(sender)
         for d in drafts:
             reply_to = d.reply_to
+            if topic is not None:
+                out += self._fan_out(src, topic, d)
+                continue
             if d.to is not None:
                 targets = d.to
             elif default_to is not None:
@@ -278,7 +332,26 @@ class Dispatcher:
         for to, n in counts.items():
             if n > self.config.max_queue:
                 raise TooBig(f"{n} messages for {to!r} exceed its queue limit")
-        return out
+        return gate.hold(self, out)
+
+    def _fan_out(self, src: Agent, name: str, d: Draft) -> list[Event]:
+        """The copies of a message written to topics/NAME; NotFound if no
+        destination takes it (nothing of the write is sent then)."""
+        topic = self.topics.get(name)
+        if topic is None:
+            raise NotFound(f"no topic {name!r}")
+        priority = d.priority or src.priority
+        env = routing.envelope(src.name, name, priority, d.body, d.reply_to)
+        targets = topic.destinations(env)
+        if not targets:
+            raise NotFound(f"topics/{name}: no destination takes this message")
+        for to in targets:
+            if to not in self.agents:
+                raise NotFound(f"topics/{name}: no agent {to!r}")
+        return [
+            events.message(new_id(), src.name, to, priority, d.body, d.reply_to, topic=name)
+            for to in targets
+        ]
 
     def _held(self, agent: Agent, reply_to: str | None, held: tuple[str, ...]) -> Message:
         if reply_to is not None:
@@ -297,9 +370,13 @@ class Dispatcher:
         return next(iter(agent.inflight.values()))
 
     def full(self, planned: list[Event]) -> Agent | None:
-        """The first recipient without room for its share of `planned`, if any."""
+        """The first recipient without room for its share of `planned`, if any
+        (a message held at the gate takes no room)."""
         counts: dict[str, int] = {}
         for ev in planned:
+            if ev["type"] == "held":
+                counts[ev["agent"]] -= 1
+                continue
             counts[ev["to"]] = counts.get(ev["to"], 0) + 1
         for to, n in counts.items():
             agent = self.agents[to]
@@ -338,7 +415,7 @@ class Dispatcher:
         acknowledged at once (the operator's ctl `take ID`, used by `outheisfs ask`)."""
         self.agent(name)
         msg = self.messages.get(msg_id)
-        if msg is None or msg.to != name or msg.state == INFLIGHT:
+        if msg is None or msg.to != name or msg.state in (INFLIGHT, HELD):
             raise NotFound(f"take: {msg_id} is not queued for {name}")
         self.record(
             [events.deliver(name, msg_id, msg.delivered + 1), events.ack(name, msg_id, who)]
@@ -399,7 +476,7 @@ class Dispatcher:
         agent = self.agent(name)
         if name == OPERATOR:
             raise Busy("the operator's mailbox 'user' cannot be removed")
-        pending = agent.queued + len(agent.inflight) + len(agent.delayed)
+        pending = agent.queued + len(agent.inflight) + len(agent.delayed) + len(agent.held)
         if pending:
             raise NotEmpty(f"agent {name!r} has {pending} pending messages")
         self.record([events.agent("remove", name, who)])

@@ -2,14 +2,18 @@
 
 Layout of the state folder:
 
-    events.jsonl          every event, one JSON line each; `seq` rises by one per line
-    streams/NAME.log      the events that concern agent NAME (derived)
-    streams/NAME.outbox   the messages NAME sent (derived)
+    events.jsonl              every event, one JSON line each; `seq` rises by one per line
+    streams/NAME.log.idx      where the events that concern agent NAME are (derived)
+    streams/NAME.outbox.idx   where the messages NAME sent are (derived)
+    streams/approvals.idx     where the `held` events are: messages waiting for the operator
 
 The root `log` file of the mount serves `events.jsonl` itself, byte for byte, so
-offsets, sizes and `tail -f` come for free. The stream files are indexes that can
-be rebuilt from the main file at any time; at start-up each is checked against
-the main file and caught up, so a crash between the two writes loses nothing.
+offsets, sizes and `tail -f` come for free. An agent's `log`, `outbox` and
+`errors` are streams: their lines are lines of `events.jsonl`, read from there
+through an index of 16 bytes per line (the stream's size after the line, and the
+line's offset in the main file), not copies of them. The indexes can be rebuilt
+from the main file at any time; at start-up each is checked against the main
+file and caught up, so a crash between the two writes loses nothing.
 
 A torn last line (a write cut short by a crash) is cut off and reported; a bad
 line anywhere before the end is damage, and opening refuses with its position.
@@ -20,6 +24,7 @@ itself costs ~120 µs, so SQLite alone would have eaten the performance budget.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,16 +38,19 @@ from typing import Any
 import msgspec
 import trio
 
+from . import streamindex
 from .errors import LogDamaged
 from .events import Event
 from .models import json_bytes, now
 from .names import NOBODY, SERVER
+from .streamindex import IDX, RECORD, seq_prefix
 
 log = logging.getLogger(__name__)
 
 NOT_AGENTS = {SERVER, NOBODY}  # who may be the server itself, or a caller attributed to no one
-STREAM_BUFFER = 256 << 10  # bytes of stream lines held before they are written
+STREAM_BATCH = 4096  # lines held before their stream index records are written
 MAIN = "events.jsonl"
+APPROVALS = "approvals"  # the messages held for the operator's approval (root `approvals`)
 COMPLETE = ".complete"  # in streams/: the seq all streams hold, and their sizes then
 
 
@@ -75,8 +83,10 @@ def streams_of(ev: Event) -> list[str]:
         who = ev.get("who")
         if isinstance(who, str) and who not in NOT_AGENTS:
             out.append(f"{who}.errors")
-    if ev.get("type") == "message":
+    if kind == "message":
         out.append(f"{ev['from']}.outbox")
+    elif kind == "held":
+        out.append(APPROVALS)
     return out
 
 
@@ -139,11 +149,22 @@ def _streams(ev: Event) -> Iterable[str]:
 @dataclass
 class ReplayReport:
     last_seq: int = 0
-    events: int = 0
+    events: int = 0  # lines read
     torn: tuple[int, int] | None = None  # (offset, bytes cut)
+    checkpoint: int = 0  # the seq of the checkpoint replay started from (0: none)
 
 
-def _last_line(fd: int, size: int) -> tuple[int, bytes]:
+@dataclass(frozen=True)
+class Start:
+    """Where a replay from a checkpoint begins: after event `seq`, at byte `offset`;
+    the stream files' sizes when the checkpoint was taken (None: unknown)."""
+
+    seq: int
+    offset: int
+    streams: dict[str, int] | None = None
+
+
+def last_line(fd: int, size: int) -> tuple[int, bytes]:
     """(offset, bytes) of the last complete line of a file that ends with a newline."""
     end = size - 1  # the final newline
     pos = end
@@ -158,7 +179,7 @@ def _last_line(fd: int, size: int) -> tuple[int, bytes]:
     return 0, os.pread(fd, end, 0)
 
 
-def _complete_size(fd: int) -> int:
+def complete_size(fd: int) -> int:
     """Size of the file up to and including its last newline."""
     size = os.fstat(fd).st_size
     pos = size
@@ -170,6 +191,11 @@ def _complete_size(fd: int) -> int:
             return start + i + 1
         pos = start
     return 0
+
+
+def first_seq(fd: int) -> int:
+    """The seq of a log file's first line (1 if it cannot be read)."""
+    return seq_prefix(os.pread(fd, 256, 0)) or 1
 
 
 def _seq_of(line: bytes) -> int | None:
@@ -194,15 +220,17 @@ class EventLog:
         self._size = 0
         self._synced = 0
         self._syncing: trio.Event | None = None
-        self._streams: dict[str, int] = {}  # stream -> fd
-        self._stream_size: dict[str, int] = {}
+        self._streams: dict[str, int] = {}  # stream -> fd of its index
+        self._stream_size: dict[str, int] = {}  # bytes of the stream as read
+        self._stream_bytes: dict[str, int] = {}  # bytes of its index file
         self._stream_last: dict[str, int] = {}  # only during replay
         self._stale: set[str] = set()
-        self._pending: list[tuple[Iterable[str], bytes]] = []  # lines not yet in their streams
-        self._pending_bytes = 0
+        # Lines not yet in their streams' indexes: (streams, length, offset in MAIN).
+        self._pending: list[tuple[Iterable[str], int, int]] = []
         self._broken: str | None = None
         self._progress: Callable[[int, int], None] | None = None
         self.mtime_ns = time.time_ns()
+        self.first = 1  # the seq the file begins with (`retain` drops what is before)
 
     # -- opening and replay ------------------------------------------------------------
 
@@ -211,16 +239,25 @@ class EventLog:
         apply: Callable[[Event], None],
         until: int | None = None,
         progress: Callable[[int, int], None] | None = None,
+        start: Start | None = None,
     ) -> ReplayReport:
         """Check the log, repair a torn tail, replay every event into `apply`;
-        `progress(bytes read, bytes in all)` is called now and then."""
+        `progress(bytes read, bytes in all)` is called now and then. With `start`
+        (a checkpoint's seq, offset and stream sizes, checked by `verify`), `apply`
+        already holds the state up to that seq: only the events after it are read."""
         report = ReplayReport()
         self._progress = progress
         if self.readonly:
             if not self.path.exists():
                 return report
             with open(self.path, "rb") as f:
-                self._scan(f, apply, report, until, os.fstat(f.fileno()).st_size)
+                size = os.fstat(f.fileno()).st_size
+                if start is not None:
+                    f.seek(start.offset)
+                    report.checkpoint = start.seq
+                    self._scan(f, apply, report, until, size, start.offset, start.seq + 1)
+                else:
+                    self._scan(f, apply, report, until, size, 0, self._first(f.fileno()))
             return report
         (self.state / "streams").mkdir(parents=True, exist_ok=True)
         new = not self.path.exists()
@@ -233,12 +270,22 @@ class EventLog:
                 os.close(dfd)
         size = os.fstat(self._fd).st_size
         main_last = 0
-        complete = _complete_size(self._fd)
+        complete = complete_size(self._fd)
         if complete:
-            main_last = _seq_of(_last_line(self._fd, complete)[1]) or 0
-        low = self._open_streams(main_last)
+            main_last = _seq_of(last_line(self._fd, complete)[1]) or 0
+        low = self._open_streams(main_last, start, complete)
+        self.first = first_seq(self._fd)
         with open(self._fd, "rb", closefd=False) as f:
-            self._scan(f, apply, report, until, size, low)
+            if start is not None and low >= start.seq:
+                f.seek(start.offset)
+                report.checkpoint = start.seq
+                self._scan(f, apply, report, until, size, start.offset, start.seq + 1, low)
+            elif start is not None:  # streams to catch up from before the checkpoint
+                report.checkpoint = start.seq
+                first = self._first(self._fd, start)
+                self._scan(f, apply, report, until, size, 0, first, low, start.seq + 1)
+            else:
+                self._scan(f, apply, report, until, size, 0, self._first(self._fd), low)
         if report.torn:
             os.ftruncate(self._fd, report.torn[0])
             os.fsync(self._fd)
@@ -246,36 +293,97 @@ class EventLog:
         self._stream_last.clear()
         return report
 
-    def _open_streams(self, main_last: int) -> int:
-        """Open the stream files; return the seq up to which all of them are complete."""
-        marker = self.state / "streams" / COMPLETE
+    def _first(self, fd: int, start: Start | None = None) -> int:
+        """The seq the file begins with: 1, unless `retain` dropped the events before,
+        which only a checkpoint at or after them can stand for."""
+        first = self.first = first_seq(fd)
+        if first != 1 and (start is None or first > start.seq + 1):
+            raise LogDamaged(
+                str(self.path),
+                0,
+                1,
+                f"the log begins at seq {first}: the events before it were dropped "
+                "(retain) and no checkpoint that holds them could be used",
+            )
+        return first
+
+    def verify(self, seq: int, offset: int, last: str) -> bool:
+        """Whether event `seq` is the line that ends right before byte `offset`,
+        with the SHA-256 `last`: a checkpoint of this very log."""
         try:
-            meta = json.loads(marker.read_text())
-            low = min(int(meta["seq"]), main_last)
-            sizes: dict[str, int] = meta["sizes"]
-        except (OSError, ValueError, KeyError, TypeError):
-            low, sizes = 0, {}
-        for name, size in sizes.items():
-            # Streams only grow: one missing or shorter than at the last clean
-            # close was damaged since, and must be caught up from the start.
-            p = self.state / "streams" / name
-            if not p.exists() or p.stat().st_size < size:
-                low = 0
-        for p in (self.state / "streams").iterdir():
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            if offset == 0:  # `retain` cut everything up to it: the log begins after it
+                return os.fstat(fd).st_size > 0 and first_seq(fd) == seq + 1
+            if offset < 0 or offset > os.fstat(fd).st_size:
+                return False
+            if os.pread(fd, 1, offset - 1) != b"\n":
+                return False
+            line = last_line(fd, offset)[1]
+        finally:
+            os.close(fd)
+        return _seq_of(line) == seq and hashlib.sha256(line).hexdigest() == last
+
+    def mark(self) -> tuple[int, bytes, str, dict[str, int] | None] | None:
+        """Where the log stands, for a checkpoint: the size of the main file, its last
+        line, that event's time, and the sizes of the stream files (None when some
+        could not be written: the next start must catch them up)."""
+        if self._broken or self._fd < 0 or self._size == 0:
+            return None
+        self.flush_streams()
+        line = last_line(self._fd, self._size)[1]
+        ev = decode(line + b"\n")
+        streams = None if self._stale else dict(self._stream_size)
+        return self._size, line, ev["ts"], streams
+
+    def sync(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+
+    def _open_streams(self, main_last: int, start: Start | None, complete: int) -> int:
+        """Open the stream indexes; return the seq up to which all of them are
+        complete: as of the last clean close (the marker) or of the checkpoint, if
+        they have not shrunk since. An index whose last line is not a line of the
+        main file (damaged, or ahead of it) is rebuilt from the start."""
+        folder = self.state / "streams"
+        low = -1
+        for p in folder.iterdir():
             name = p.name
             if name.startswith("."):
                 continue
+            if not name.endswith(IDX):  # a copy made by an older version: the index replaces it
+                p.unlink(missing_ok=True)
+                continue
+            name = name.removesuffix(IDX)
             fd = self._stream_fd(name)
-            size = _complete_size(fd)
-            last = 0
-            if size:
-                last = _seq_of(_last_line(fd, size)[1]) or -1
-            if last < 0 or last > main_last:
-                size, last, low = 0, 0, 0  # unreadable or ahead of the main log: rebuild
-            if size != os.fstat(fd).st_size:
-                os.ftruncate(fd, size)
-            self._stream_size[name] = size
+            n = os.fstat(fd).st_size
+            whole = n - n % RECORD.size
+            end, last = streamindex.check(fd, whole, self._fd, main_last, complete)
+            if last < 0:
+                whole, end, last, low = 0, 0, 0, 0  # not lines of the main file: rebuild
+            if whole != n:
+                os.ftruncate(fd, whole)
+            self._stream_bytes[name] = whole
+            self._stream_size[name] = end
             self._stream_last[name] = last
+        if low == 0:
+            return 0
+        marks: list[tuple[int, dict[str, int]]] = []
+        try:
+            meta = json.loads((folder / COMPLETE).read_text())
+            marks.append((min(int(meta["seq"]), main_last), dict(meta["sizes"])))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        if start is not None and start.streams is not None:
+            marks.append((start.seq, start.streams))
+        low = 0
+        for seq, sizes in marks:
+            # Streams only grow: one missing or shorter than then was damaged
+            # since, and must be caught up from further back.
+            if all(self._stream_size.get(n, -1) >= size for n, size in sizes.items()):
+                low = max(low, seq)
         return low
 
     def _scan(
@@ -285,11 +393,15 @@ class EventLog:
         report: ReplayReport,
         until: int | None,
         size: int,
+        offset: int = 0,
+        expected: int = 1,
         low: int = 0,
+        apply_from: int = 0,
     ) -> None:
-        offset = 0
-        lineno = 0
-        expected = 1
+        """Read lines from `offset` (event `expected`) to the end: apply each event
+        from `apply_from` on (up to `until`), and copy to its streams what they lack."""
+        report.last_seq = expected - 1
+        lineno = expected - 1  # as a seq; the line's number is counted from the file's first
         catch_up = not self.readonly
         progress = self._progress
         for raw in f:
@@ -306,7 +418,7 @@ class EventLog:
                     raise ValueError(f"expected an event with seq {expected}")
                 if not isinstance(ev.get("type"), str) or not isinstance(ev.get("ts"), str):
                     raise ValueError("event without type or ts")
-                if until is None or expected <= until:
+                if (until is None or expected <= until) and expected >= apply_from:
                     apply(ev)
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 # A crash can leave zero bytes at the end (a file extended before its
@@ -314,6 +426,7 @@ class EventLog:
                 if last and not raw.rstrip(b"\n").strip(b"\0"):
                     report.torn = (offset, len(raw))
                     break
+                lineno -= first_seq(f.fileno()) - 1  # counted from the file's first line
                 raise LogDamaged(
                     str(self.path), offset, lineno, str(e) or type(e).__name__
                 ) from None
@@ -321,7 +434,7 @@ class EventLog:
                 streams = _streams(ev)
                 if self._stream_last:  # some streams hold this event already
                     streams = [s for s in streams if self._stream_last.get(s, 0) < expected]
-                self._stream_write(streams, raw)
+                self._stream_write(streams, len(raw), offset)
             report.last_seq = expected
             report.events += 1
             expected += 1
@@ -350,22 +463,13 @@ class EventLog:
             raws.append(encode(full))
         if not raws:
             return out
+        at = self._size
         self._write_all(b"".join(raws))
         self.seq = seq
         self.mtime_ns = time.time_ns()
-        # Lines bound for the same streams (a write of many messages to one inbox)
-        # go to them as one piece.
-        last: Iterable[str] | None = None
-        piece: list[bytes] = []
         for full, raw in zip(out, raws, strict=True):
-            streams = _streams(full)
-            if streams is not last and streams != last:
-                if piece:
-                    self._stream_write(last or (), b"".join(piece))
-                last, piece = streams, []
-            piece.append(raw)
-        if piece:
-            self._stream_write(last or (), b"".join(piece))
+            self._stream_write(_streams(full), len(raw), at)
+            at += len(raw)
         return out
 
     def _write_all(self, data: bytes) -> None:
@@ -386,46 +490,49 @@ class EventLog:
     def _stream_fd(self, stream: str) -> int:
         fd = self._streams.get(stream)
         if fd is None:
-            fd = os.open(
-                self.state / "streams" / stream, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600
-            )
+            path = self.state / "streams" / (stream + IDX)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             self._streams[stream] = fd
-            self._stream_size[stream] = os.fstat(fd).st_size
+            n = os.fstat(fd).st_size
+            n -= n % RECORD.size
+            self._stream_bytes[stream] = n
+            end = RECORD.unpack(os.pread(fd, RECORD.size, n - RECORD.size))[0] if n else 0
+            self._stream_size[stream] = end
         return fd
 
-    def _stream_write(self, streams: Iterable[str], raw: bytes) -> None:
+    def _stream_write(self, streams: Iterable[str], length: int, offset: int) -> None:
         """Add a line to streams. Streams are derived from the main log (rebuilt
-        at start), so their lines are written in batches: before a stream is
-        read or its size asked, once STREAM_BUFFER bytes wait, and at close."""
-        self._pending.append((streams, raw))
-        self._pending_bytes += len(raw)
-        if self._pending_bytes >= STREAM_BUFFER:
+        at start), so their index records are written in batches: before a stream
+        is read or its size asked, once STREAM_BATCH lines wait, and at close."""
+        self._pending.append((streams, length, offset))
+        if len(self._pending) >= STREAM_BATCH:
             self.flush_streams()
 
     def flush_streams(self) -> None:
         if not self._pending:
             return
-        parts: dict[str, list[bytes]] = {}
-        for streams, raw in self._pending:
+        parts: dict[str, list[int]] = {}
+        for streams, length, offset in self._pending:
             for stream in streams:
                 lines = parts.get(stream)
                 if lines is None:
-                    parts[stream] = [raw]
+                    parts[stream] = [length, offset]
                 else:
-                    lines.append(raw)
+                    lines += (length, offset)
         self._pending.clear()
-        self._pending_bytes = 0
         for stream, lines in parts.items():
             if stream not in self._stale:
-                self._flush(stream, b"".join(lines))
+                self._flush(stream, lines)
 
-    def _flush(self, stream: str, data: bytes) -> None:
+    def _flush(self, stream: str, lines: list[int]) -> None:
+        """Append index records for `lines` (length, offset, length, offset, ...)."""
         try:
             fd = self._stream_fd(stream)
         except OSError:
             self._stale.add(stream)  # as below
             return
-        start = self._stream_size[stream]
+        data, end = streamindex.records(lines, self._stream_size[stream])
+        start = self._stream_bytes[stream]
         try:
             view = memoryview(data)
             while view:
@@ -438,7 +545,8 @@ class EventLog:
             except OSError:
                 pass
             return
-        self._stream_size[stream] = start + len(data)
+        self._stream_bytes[stream] = start + len(data)
+        self._stream_size[stream] = end
 
     async def durable(self) -> None:
         """With durability `disk`: return once everything written so far is fsynced.
@@ -479,23 +587,21 @@ class EventLog:
         if stream is None:
             return self._size
         self.flush_streams()
-        if stream not in self._stream_size and not (self.state / "streams" / stream).exists():
-            return 0
-        self._stream_fd(stream)
+        if stream not in self._stream_size:
+            if not (self.state / "streams" / (stream + IDX)).exists():
+                return 0
+            self._stream_fd(stream)
         return self._stream_size[stream]
 
     def read(self, stream: str | None, offset: int, size: int) -> bytes:
         if stream is None:
-            end = self._size
-            fd = self._fd
-        else:
-            end = self.size(stream)  # with every line written
-            if end == 0:
+            if offset >= self._size:
                 return b""
-            fd = self._streams[stream]
-        if offset >= end:
+            return os.pread(self._fd, min(size, self._size - offset), offset)
+        end = self.size(stream)  # with every line indexed
+        if offset >= end or size <= 0:
             return b""
-        return os.pread(fd, min(size, end - offset), offset)
+        return streamindex.read(self._streams[stream], self._fd, offset, min(end, offset + size))
 
     def close(self) -> None:
         """Make everything durable and close the files. Never raises: the mount

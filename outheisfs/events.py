@@ -9,7 +9,7 @@ The log adds `seq` and `ts` when it appends.
 from __future__ import annotations
 
 import errno as errno_
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .names import SERVER
@@ -21,8 +21,17 @@ Event = dict[str, Any]
 # -- messages --------------------------------------------------------------------------
 
 
-def message(id: str, sender: str, to: str, priority: str, body: Any, reply_to: str | None) -> Event:
-    return {
+def message(
+    id: str,
+    sender: str,
+    to: str,
+    priority: str,
+    body: Any,
+    reply_to: str | None,
+    **extra: str,
+) -> Event:
+    """`extra`: `topic` (written to topics/NAME), `rejected` (a rejection notice)."""
+    ev: Event = {
         "type": "message",
         "id": id,
         "from": sender,
@@ -31,6 +40,30 @@ def message(id: str, sender: str, to: str, priority: str, body: Any, reply_to: s
         "body": body,
         "reply_to": reply_to,
         "attempt": 1,
+    }
+    return ev | extra if extra else ev
+
+
+def held(msg: Event) -> Event:
+    """A message event's message waits for the operator (the approval gate); the
+    event repeats its envelope, so that `approvals` shows what is to be judged."""
+    keep = ("id", "from", "to", "priority", "body", "reply_to", "topic")
+    return {"type": "held", "agent": msg["to"]} | {k: msg[k] for k in keep if k in msg}
+
+
+def approved(agent: str, id: str, who: str) -> Event:
+    return {"type": "approved", "agent": agent, "id": id, "who": who}
+
+
+def rejected(agent: str, id: str, who: str, reason: str, notice: str) -> Event:
+    """`notice`: the id of the message that tells the sender."""
+    return {
+        "type": "rejected",
+        "agent": agent,
+        "id": id,
+        "who": who,
+        "reason": reason,
+        "notice": notice,
     }
 
 
@@ -84,6 +117,35 @@ def mount(mountpoint: str, pid: int, durability: str, agents: Mapping[str, str])
 
 def umount(mountpoint: str) -> Event:
     return {"type": "umount", "mountpoint": mountpoint}
+
+
+def reload(
+    who: str,
+    config: str,
+    changes: Mapping[str, Sequence[str]],
+    agents: Mapping[str, str],
+) -> Event:
+    """`changes`: added, changed, resized, removed, kept (removed but holding
+    messages), remount (top-level keys that wait for the next mount)."""
+    return {
+        "type": "reload",
+        "who": who,
+        "config": config,
+        **{k: list(v) for k, v in changes.items()},
+        "agents": dict(agents),
+    }
+
+
+def scale(agent: str, was: int, instances: int, instance: int, reason: str) -> Event:
+    """A pool that sizes itself started or stopped `instance`: `was` -> `instances`."""
+    return {
+        "type": "scale",
+        "agent": agent,
+        "was": was,
+        "instances": instances,
+        "instance": instance,
+        "reason": reason,
+    }
 
 
 # -- processes -------------------------------------------------------------------------

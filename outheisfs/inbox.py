@@ -50,6 +50,11 @@ class Inbox:
                 best, best_key = msg, key
         return best
 
+    def oldest(self) -> Message | None:
+        """The queued message that was sent first (the lowest seq), if any."""
+        heads = [m for m in map(self._head, self._heaps) if m is not None]
+        return min(heads, key=lambda m: m.seq) if heads else None
+
     def taken(self, msg: Message) -> None:
         """`msg` left the queue (delivered or dead); its heap entry goes stale.
         Stale entries at the head go now: a replay takes messages without

@@ -139,7 +139,8 @@ def json_bytes(obj: Any) -> bytes:
 
 # -- a message in the system ---------------------------------------------------------
 
-QUEUED, INFLIGHT, DELAYED, DEAD = 0, 1, 2, 3
+QUEUED, INFLIGHT, DELAYED, DEAD, HELD = 0, 1, 2, 3, 4
+EXTRA = ("topic", "rejected")  # fields a message line has only when they apply
 
 
 @dataclass(slots=True, eq=False)
@@ -165,25 +166,24 @@ class Message:
     deadline: float = 0.0
     due: float = 0.0  # nacked with a delay: not delivered before this time
     reason: str = ""  # a dead letter: why it died
+    extra: dict[str, str] | None = None  # `topic`, `rejected`: see EXTRA
 
     def line(self) -> bytes:
         """The line a reader gets."""
-        return (
-            json_bytes(
-                {
-                    "id": self.id,
-                    "seq": self.seq,
-                    "from": self.sender,
-                    "to": self.to,
-                    "ts": self.ts,
-                    "priority": self.priority,
-                    "body": self.body,
-                    "reply_to": self.reply_to,
-                    "attempt": self.delivered,
-                }
-            )
-            + b"\n"
-        )
+        row = {
+            "id": self.id,
+            "seq": self.seq,
+            "from": self.sender,
+            "to": self.to,
+            "ts": self.ts,
+            "priority": self.priority,
+            "body": self.body,
+            "reply_to": self.reply_to,
+            "attempt": self.delivered,
+        }
+        if self.extra:
+            row.update(self.extra)
+        return json_bytes(row) + b"\n"
 
 
 # -- what writers send ---------------------------------------------------------------

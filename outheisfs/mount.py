@@ -23,17 +23,19 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import events, procinfo
+from . import checkpoint, events, procinfo, retain
 from .config import Config
 from .dispatcher import Dispatcher
-from .errors import LogDamaged
+from .errors import LogDamaged, OutheisError
 from .eventlog import EventLog
 from .mounts import fsname, hint
-from .names import XATTR_PID
+from .names import SERVER, XATTR_PID
 from .ops import Operations
+from .pools import Pools
 from .procevents import ProcEvents
 from .procstate import Processes
 from .progress import Progress
+from .reload import Parts, Reloader
 from .supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Options:
     state: Path
     durability: str
     host: str | None = None  # --host: this mount's name in a cluster (not used alone)
+    config_file: Path | None = None  # what `reload` reads again (None: ./outheis.toml)
 
 
 # -- checks before mounting ----------------------------------------------------------
@@ -133,34 +136,52 @@ def recover(
     mountpoint: Path,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Dispatcher, EventLog]:
-    """What every start does: replay the log (cutting a torn tail), install the
-    config, record the mount, and queue again what was in flight."""
+    """What every start does: bound the log (`retain`), load the newest checkpoint,
+    replay the log after it (cutting a torn tail), install the config, record the
+    mount, and queue again what was in flight."""
     elog = EventLog(state, durability)
-    d = Dispatcher(config, elog)
+    t0 = time.monotonic()
     try:
-        report = elog.open(d.apply, progress=progress)
+        if config.retain is not None:
+            retain.apply(state, config.retain, time.time())
+        d, start = checkpoint.restore(state, config, elog)
+        t1 = time.monotonic()
+        report = elog.open(d.apply, progress=progress, start=start)
     except LogDamaged as e:
         raise MountError(f"event log refused: {e}") from None
     except OSError as e:
         raise MountError(f"event log {elog.path}: {e.strerror}") from None
     d.install_config()
+    log.info(
+        "start-up: checkpoint at seq %d loaded in %.3f s, %d events read in %.3f s",
+        report.checkpoint,
+        t1 - t0,
+        report.events,
+        time.monotonic() - t1,
+    )
     if report.torn:
         offset, size = report.torn
         why = f"torn last record cut off at byte {offset} ({size} bytes)"
         d.note(events.error("/log", errno.EIO, why))
     agents = {n: a.priority for n, a in config.agents.items()}
     mount_event = events.mount(str(mountpoint), os.getpid(), durability, agents)
+    # How start-up went: the checkpoint it began from, and the log lines it read.
+    mount_event["checkpoint"] = report.checkpoint
+    mount_event["replayed"] = report.events
     try:
         d.record([mount_event])
         d.requeue_inflight()
     except OSError as e:  # a full disk: say so, rather than a traceback in server.log
         elog.close()
         raise MountError(f"event log {elog.path} cannot be written: {e.strerror}") from None
+    if report.events >= config.checkpoint_every:  # not the same long replay again
+        checkpoint.Checkpoints(d, elog, state, config.checkpoint_every).write_now()
     return d, elog
 
 
 async def serve(opts: Options, ready: Ready) -> None:
-    """Mount and serve until unmounted or told to stop (SIGTERM, SIGINT, SIGHUP)."""
+    """Mount and serve until unmounted or told to stop (SIGTERM, SIGINT); SIGHUP
+    reads the config again (`reload`)."""
     check_fuse()
     check_mountpoint(opts.mountpoint)
     lock_fd = lock_state(opts.state)
@@ -191,6 +212,10 @@ async def _serve(
     lock_fd: int,
     attach: Callable[[Supervisor], Callable[[str], str]] | None = None,
 ) -> None:
+    # Checkpoints beside the log file: one host alone (a cluster's log is the stream).
+    checkpoints = None
+    if opts.config.cluster is None:
+        checkpoints = checkpoint.Checkpoints(d, elog, opts.state, opts.config.checkpoint_every)
     procs = ProcEvents()
     table = Processes(opts.config)
     ops = Operations(d, elog, procs, table)
@@ -203,12 +228,16 @@ async def _serve(
         opts.config.stop_grace,
         table,
         ops.files.output,
+        ops.files.readers,
     )
     ops.commands.supervisor = supervisor
     if attach is not None:
         # A cluster: the supervisor runs only the agents placed on this host; ctl
         # shows where each runs.
         ops.commands.host_of = attach(supervisor)
+    parts = Parts(supervisor, table, ops.tree, ops.store, ops.vault, ops.rights, ops.files.output)
+    reloader = Reloader(d, parts, opts.state, opts.config_file)
+    ops.commands.reload = reloader.reload
     # The source shows the state folder: `mount` and `df` tell servers apart.
     options = {fsname(opts.state), "subtype=outheisfs", "noatime"}
     if os.geteuid() == 0:
@@ -238,12 +267,18 @@ async def _serve(
             nursery.start_soon(fuse_main)
             nursery.start_soon(ops.files.parking.run)
             nursery.start_soon(ops.files.timers)
+            if checkpoints is not None:
+                await nursery.start(checkpoints.run)
             await nursery.start(procs.run)
             await trio.to_thread.run_sync(os.stat, opts.mountpoint / "ctl")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
                 await nursery.start(supervisor.run)
+                nursery.start_soon(Pools(d, supervisor).run)
                 ready.ok()
                 async for signum in sigs:
+                    if signum == signal.SIGHUP:  # read the config again, as daemons do
+                        nursery.start_soon(_reload, d, reloader)
+                        continue
                     log.info("signal %d: shutting down", signum)
                     break
             # Agents go first, while the mount still answers them.
@@ -256,10 +291,20 @@ async def _serve(
         ops.files.settle_all()  # also when serving failed: before the `umount` event
         d.note(events.umount(str(opts.mountpoint)))
         ops.files.output.close()
+        if checkpoints is not None:
+            checkpoints.write_now()  # the next start reads nothing of the log before it
         elog.close()
         pyfuse3.close(unmount=True)
         os.ftruncate(lock_fd, 0)  # no pid left behind for someone to signal later
         os.close(lock_fd)
+
+
+async def _reload(d: Dispatcher, reloader: Reloader) -> None:
+    """SIGHUP: a reload by the server; a refusal is an `error` event, nothing changes."""
+    try:
+        await reloader.reload(SERVER)
+    except OutheisError as e:
+        d.note(events.error("/ctl", e.errno, e.reason))
 
 
 class Ready:

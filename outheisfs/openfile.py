@@ -31,7 +31,7 @@ from typing import Protocol
 
 import trio
 
-from . import flows, procinfo
+from . import approvals, flows, procinfo
 from .access import Access
 from .ctl import Commands
 from .dispatcher import Agent, Dispatcher
@@ -55,6 +55,7 @@ from .offloop import OffLoop
 from .output import Output
 from .parking import Parking, Watch
 from .procevents import ProcEvents
+from .readers import Readers
 from .tree import Kind, Node, Read, Write
 from .views import View
 
@@ -62,6 +63,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_GRACE = 0.5  # seconds a reader that closed may still fail its message
 TIMER_TICK = 0.25  # seconds between looks at ack_wait deadlines and nack delays
+APPROVALS = "/approvals"  # its waiters and pollers, beside the agents' (no name has "/")
 READABLE = select.POLLIN | select.POLLRDNORM
 WRITABLE = select.POLLOUT | select.POLLWRNORM
 
@@ -96,6 +98,12 @@ class Handle:
     dropped: bool = False  # writer killed by a signal: its unterminated line is void
     counted: int = 0  # bytes of its unterminated line counted against `max_unfinished`
     sent: tuple[str, ...] = ()  # ids of the messages of its last write, see `sent_by`
+    # approvals: the lines it has shown (held messages), the last hold's seq in them,
+    # and whether its reader follows by size (tail: the journal instead)
+    view: bytes = b""
+    seen: int = 0
+    shown: int = 0  # how far it was read
+    follows: bool = False
     watch: Watch | None = None  # the opener's /proc files, opened at its first wait
     # Lines of one open file are sent in the order written, even when a flush
     # comes while a write waits for room.
@@ -143,6 +151,7 @@ class OpenFiles:
         self.waiting: dict[str, int] = {}  # requests parked
         self.unfinished: dict[str, int] = {}  # bytes of unterminated lines
         self.parking = Parking()
+        self.readers = Readers()  # instances waiting idle on their inbox (pools that shrink)
         self.offloop = OffLoop()  # counting a closer's descriptors, per agent
         self._ticks = itertools.count(1)
         self.nursery: trio.Nursery | None = None  # where settlements wait out the grace
@@ -162,7 +171,9 @@ class OpenFiles:
         kind = ev["type"]
         if kind == "message":
             self._wake_readers(ev["to"])
-        elif kind in ("redeliver", "requeue", "nack", "ack", "dead"):
+        elif kind == "held":  # readers of `approvals` waiting at its end
+            self._wake_readers(APPROVALS)
+        elif kind in ("redeliver", "requeue", "nack", "ack", "dead", "approved"):
             # A message back in the queue, or room under max_inflight.
             self._wake_readers(ev["agent"])
         elif kind == "deliver":
@@ -224,7 +235,31 @@ class OpenFiles:
             return h.snapshot[off : off + size]
         if row.read is Read.OUTPUT:
             return self.output.read(h.node.agent or "", off, size)
+        if row.kind is Kind.APPROVALS:
+            return await self._read_approvals(h, off, size)
         return self.log.read(row.stream_of(h.node.agent), off, size)
+
+    async def _read_approvals(self, h: Handle, off: int, size: int) -> bytes:
+        """What is held now and, at the end, the next hold, waited for as an inbox
+        read waits (EAGAIN with O_NONBLOCK); tail reads the journal (`approvals`)."""
+        if not h.pid:
+            self._learn_opener(h)
+            h.follows = approvals.follows(h.pid)
+        if h.follows:
+            return self.log.read(h.node.row.stream, off, size)
+        while off >= len(h.view):
+            more, h.seen = approvals.pending(self.d, h.seen)
+            h.view += more
+            if off < len(h.view):
+                break
+            if off > len(h.view):
+                return b""
+            if h.nonblock:
+                raise WouldBlock("nothing else waits for approval")
+            await self._park(_lot(self._arrived, APPROVALS), h)
+        chunk = h.view[off : off + size]
+        h.shown = max(h.shown, off + len(chunk))
+        return chunk
 
     async def write(self, h: Handle, buf: bytes) -> int:
         try:
@@ -273,7 +308,7 @@ class OpenFiles:
         try:
             if h.node.row.write is Write.COMMAND:
                 await self.commands.run(
-                    h.who, str(h.node.agent), lines, lambda: self._opener(h), self._drop_held
+                    h.who, h.node.agent, lines, lambda: self._opener(h), self._drop_held
                 )
                 await self.log.settled()
             else:
@@ -367,6 +402,13 @@ class OpenFiles:
                 h.poll = poll_handle
                 self._pollers.setdefault(name, set()).add(poll_handle)
             return mask
+        if h.node.row.kind is Kind.APPROVALS and not h.follows:
+            ready = h.shown < len(h.view) or approvals.pending(self.d, h.seen)[0]
+            if poll_handle is not None:
+                self._forget_poll(h)
+                h.poll = poll_handle
+                self._pollers.setdefault(APPROVALS, set()).add(poll_handle)
+            return READABLE if ready else 0
         if h.read:
             mask |= READABLE
         if h.write:
@@ -374,8 +416,9 @@ class OpenFiles:
         return mask
 
     def _forget_poll(self, h: Handle) -> None:
-        if h.poll is not None and h.node.agent is not None:
-            self._pollers.get(h.node.agent, set()).discard(h.poll)
+        if h.poll is not None:
+            key = APPROVALS if h.node.row.kind is Kind.APPROVALS else h.node.agent
+            self._pollers.get(key or "", set()).discard(h.poll)
         h.poll = None
 
     # -- inbox reading --------------------------------------------------------------------
@@ -405,6 +448,10 @@ class OpenFiles:
                     raise WouldBlock(f"{name} holds {cap} messages unacked (max_inflight)")
                 await self._park(_lot(self._arrived, name), h)
                 continue
+            if self.readers.retired(name, instance):
+                # Chosen to stop while idle: it takes nothing more; its signal ends this.
+                await self._park(trio.lowlevel.ParkingLot(), h)
+                continue
             msg = self.d.take(name, h.pid, instance)
             if msg is not None and await self.log.settled():
                 break  # (in a cluster: unless another reader's delivery came first)
@@ -412,7 +459,14 @@ class OpenFiles:
                 continue
             if h.nonblock:
                 raise WouldBlock("inbox is empty")
-            await self._park(_lot(self._arrived, name), h)
+            if instance is None:
+                await self._park(_lot(self._arrived, name), h)
+                continue
+            self.readers.wait(name, instance)
+            try:
+                await self._park(_lot(self._arrived, name), h)
+            finally:
+                self.readers.done(name, instance)
         await self.log.durable()
         if explicit:  # reading acks nothing; the holder acks by id
             h.taken = [(m, a) for m, a in h.taken if m.state == INFLIGHT and m.delivered == a]
@@ -563,7 +617,10 @@ class OpenFiles:
         drafts = parse_lines(lines, outbox)
         sender = owner if outbox else h.who
         held = self._held_by_writer(h, owner) if outbox else ()
-        planned = self.d.plan(sender, drafts, None if outbox else owner, held)
+        if h.node.topic is not None:  # topics/NAME: its list and rules pick the inboxes
+            planned = self.d.plan(sender, drafts, None, topic=h.node.topic)
+        else:
+            planned = self.d.plan(sender, drafts, None if outbox else owner, held)
         if outbox and h.who != OPERATOR:
             self._check_routes(owner, planned)
         while (full := self.d.full(planned)) is not None:
@@ -576,7 +633,7 @@ class OpenFiles:
             self.d.deliver(planned)
         except UnicodeEncodeError:  # a "\ud800" escape in JSON: nothing was logged
             raise BadInput("body holds a lone surrogate: not Unicode text") from None
-        h.sent = tuple(ev["id"] for ev in planned)
+        h.sent = tuple(ev["id"] for ev in planned if ev["type"] == "message")
         await self.log.durable()
 
     def sent_by(self, inode: int, tid: int) -> bytes | None:

@@ -25,6 +25,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 
+from . import gate
 from .access import Access
 from .ctl import Commands
 from .dispatcher import Dispatcher
@@ -34,7 +35,17 @@ from .names import OPERATOR, XATTR_PID, XATTR_POLICY, XATTR_SENT
 from .openfile import Handle, OpenFiles
 from .procevents import ProcEvents
 from .procstate import Processes
-from .tree import AGENT_ROWS, AGENTS_INODE, ROOT_INODE, ROOT_ROWS, VAULT_INODE, Node, Tree
+from .tree import (
+    AGENT_ROWS,
+    AGENTS_INODE,
+    ROOT_INODE,
+    ROOT_ROWS,
+    VAULT_INODE,
+    Kind,
+    Node,
+    Row,
+    Tree,
+)
 from .vault import Store
 from .vaultops import VaultOps
 
@@ -86,6 +97,7 @@ class Operations(pyfuse3.Operations):
         self.tree = Tree()
         for name in dispatcher.agents:
             self.tree.add_agent(name)
+        self.tree.set_topics(list(dispatcher.topics))
         self.rights = Access(dispatcher, procs)
         self.commands = Commands(dispatcher, procs, self.table, log_.state)
         self.commands.exists = self._exists  # ctl marks grants of paths not there (missing)
@@ -116,7 +128,23 @@ class Operations(pyfuse3.Operations):
         node = self.tree.node(inode)
         if node is None or (node.agent is not None and node.agent not in self.d.agents):
             raise pyfuse3.FUSEError(errno.ENOENT)
+        if not self._present(node):
+            raise pyfuse3.FUSEError(errno.ENOENT)
         return node
+
+    def _present(self, node: Node) -> bool:
+        """`topics/` is there when the config has topics, `approvals` when an agent
+        has a gate or a message waits at one (held under an older config)."""
+        kind = node.row.kind
+        if kind is Kind.TOPICS:
+            return bool(self.d.topics)
+        if kind is Kind.APPROVALS:
+            return gate.in_use(self.d)
+        return True
+
+    def _writable(self, row: Row) -> bool:
+        """Whether the file takes writes at all (who may write is decided at open)."""
+        return row.writable
 
     def _handle(self, fh: int) -> Handle:
         h = self.files.handles.get(fh)
@@ -130,6 +158,8 @@ class Operations(pyfuse3.Operations):
         if parts[0] == "vault":
             # Only ctl's "(missing)" mark depends on it: a plain lstat of the backing path.
             return os.path.lexists(self.store.root.joinpath(*parts[1:]))
+        if parts[0] == "topics" and len(parts) == 2:
+            return parts[1] in self.d.topics
         if parts[0] == "agents" and len(parts) > 1:
             if parts[1] != "*" and parts[1] not in self.d.agents:
                 return False
@@ -150,6 +180,8 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = 0
         a.attr_timeout = 0
         a.st_mode = row.st_mode
+        if not self._writable(row):
+            a.st_mode &= ~0o222
         if perms != "rw":  # an agent's view: the mode shows what it may do
             keep = 0o550 if row.is_dir else 0o440 * ("r" in perms) | 0o220 * ("w" in perms)
             a.st_mode &= ~0o777 | keep
@@ -179,6 +211,8 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         if name == b".":
             return await self.getattr(parent_inode, ctx)
+        if parent.row.kind is Kind.TOPICS:  # the config's topics (a reload may change them)
+            self.tree.set_topics(list(self.d.topics))
         inode = self.tree.lookup(parent, name.decode(errors="replace"))
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -295,10 +329,12 @@ class Operations(pyfuse3.Operations):
         if self._in_vault(inode):
             return await self.vault.readdir(fh, start_id, who, token)
         node = self._node(inode)
+        if node.row.kind is Kind.TOPICS:
+            self.tree.set_topics(list(self.d.topics))
         entries = self.tree.children(node, list(self.d.agents))
         for i, (name, child_inode) in enumerate(entries[start_id:], start_id + 1):
             child = self.tree.node(child_inode)
-            if child is None:
+            if child is None or not self._present(child):
                 continue
             perms = self.rights.perms(who, child.path)
             if perms is None:
@@ -483,7 +519,7 @@ class Operations(pyfuse3.Operations):
         write = acc in (os.O_WRONLY, os.O_RDWR)
         who = self.who(ctx)
         if who == OPERATOR:
-            if (read and not row.readable) or (write and not row.writable):
+            if (read and not row.readable) or (write and not self._writable(row)):
                 raise pyfuse3.FUSEError(errno.EACCES)
         else:
             perms = self.rights.visible(who, node.path, "open")

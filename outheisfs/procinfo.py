@@ -55,6 +55,15 @@ def tgid(tid: int) -> int:
     return tid
 
 
+def command_name(pid: int) -> str:
+    """The process's command name (`comm`), "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
 def writers_of(tid: int, ino: int, suffix: str, at_most: int | None = None) -> int:
     """How many descriptors the process of TID has open for writing on the file
     numbered `ino` whose path ends with `suffix`, counting no further than

@@ -58,6 +58,11 @@ def grant_lines(mp: Path, unveil: list[str], send: list[str]) -> list[str]:
             raise RunError(f"--unveil {item!r}: PATH may not hold white space", 2)
         lines.append(f"unveil {path} {perms}")
     for to in send:
+        if to.startswith("topics/"):  # the right to write a topic
+            if not os.path.isfile(mp / to) or "/" in to.removeprefix("topics/"):
+                raise RunError(f"--send {to!r}: no such topic", 2)
+            lines.append(f"unveil /{to} w")
+            continue
         if to != "*" and not os.path.isdir(mp / "agents" / to):
             raise RunError(f"--send {to!r}: no such agent", 2)
         lines.append(f"unveil /agents/{to}/inbox w")

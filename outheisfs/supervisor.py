@@ -38,13 +38,14 @@ from typing import TypeVar
 import trio
 
 from . import events, flows, procinfo, sandbox
-from .config import AgentConfig
-from .dispatcher import Dispatcher
+from .config import MAX_INSTANCES, AgentConfig
+from .dispatcher import Agent, Dispatcher
 from .errors import BadInput
 from .output import Output
 from .procevents import ProcEvents
 from .procinfo import abnormal
 from .procstate import Processes, ProcState
+from .readers import Readers
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_PDEATHSIG = 1
@@ -130,6 +131,7 @@ class Instance:
     label: str
     pid: int = 0
     popen: subprocess.Popen[bytes] | None = None
+    retiring: bool = False  # stopped to run fewer: not restarted
 
 
 @dataclass(eq=False)
@@ -213,8 +215,10 @@ class Supervisor:
         grace: float,
         table: Processes | None = None,
         output: Output | None = None,
+        readers: Readers | None = None,
     ) -> None:
         self.d = dispatcher
+        self.readers = readers or Readers()  # who waits idle on its inbox (openfile's)
         self.table = table or Processes(dispatcher.config)
         self.procs = procs
         self.mountpoint = mountpoint
@@ -304,16 +308,25 @@ class Supervisor:
             return p
         return dataclasses.replace(p, programs=sandbox.programs(cmd, env or dict(os.environ)))
 
+    def _size(self, runner: Runner) -> int:
+        """How many instances it should run now (the dispatcher's state)."""
+        agent = self.d.agents.get(runner.name)
+        return agent.instances if agent is not None else 0
+
+    def _free(self, runner: Runner, n: int) -> list[int]:
+        """The `n` lowest instance numbers that do not run."""
+        return [i for i in range(MAX_INSTANCES) if i not in runner.instances][:n]
+
     async def _start_all(self, runner: Runner) -> None:
         runner.wanted = True
-        for index in range(runner.config.instances):
-            if index not in runner.instances:
-                await self._spawn(runner, index)
+        for index in self._free(runner, self._size(runner) - len(runner.instances)):
+            await self._spawn(runner, index)
 
     async def _spawn(self, runner: Runner, index: int) -> None:
         name = runner.name
         inst = Instance(index=index, label=f"{name}#{index}")
         self._stopping.pop(inst.label, None)
+        self.readers.forget(name, index)
         runner.instances[index] = inst
         cmd = self._command(runner)
         env = self._env(runner, inst)
@@ -380,6 +393,10 @@ class Supervisor:
             self._nursery.start_soon(self._exited, runner, inst, early)
 
     def _update(self, runner: Runner) -> None:
+        if self.runners.get(runner.name) is not runner:  # replaced or removed by a reload
+            self._changed.set()
+            self._changed = trio.Event()
+            return
         agent = runner.proc
         agent.pids = sorted(i.pid for i in runner.instances.values() if i.pid)
         if agent.pids:
@@ -399,11 +416,16 @@ class Supervisor:
         name = runner.name
         if runner.instances.get(inst.index) is inst:
             del runner.instances[inst.index]
+        self.readers.forget(name, inst.index)
         if inst.pid:
             self.d.note(events.exit(name, inst.pid, inst.index, status))
         agent = self.d.agents.get(name)
         if agent is not None and flows.explicit(agent) and not self.shutting_down:
             self._give_back(runner, inst, status)
+        if inst.retiring:  # stopped to run fewer
+            self._update(runner)
+            await self._end_tree({inst.label})
+            return
         likely = runner.wanted and should_restart(runner.config.restart, status)
         runner.pending += likely  # "starting" while the old tree ends, not "stopped"
         self._update(runner)
@@ -448,7 +470,8 @@ class Supervisor:
             await trio.sleep(delay)
         finally:
             runner.pending -= 1
-        if runner.wanted and not self.shutting_down and inst.index not in runner.instances:
+        more = len(runner.instances) < self._size(runner)
+        if runner.wanted and not self.shutting_down and inst.index not in runner.instances and more:
             await self._spawn(runner, inst.index)
         self._update(runner)
 
@@ -503,7 +526,7 @@ class Supervisor:
                     await trio.sleep(0.02)
 
     async def _stop_instances(self, runner: Runner) -> None:
-        labels = {f"{runner.name}#{i}" for i in range(runner.config.instances)}
+        labels = {f"{runner.name}#{i}" for i in range(MAX_INSTANCES)}
         await self._end_tree(labels)
         with trio.move_on_after(5):
             while runner.instances:
@@ -549,6 +572,100 @@ class Supervisor:
         runner = self._runner(name)
         labels = {f"{name}#{i}" for i in runner.instances}
         _signal(self._members(labels), signal.SIGKILL)
+
+    async def instances(self, name: str) -> None:
+        """Start or stop instances until as many run as NAME should run now (ctl
+        `instances N`, a reload). Instances that wait idle on the inbox stop first,
+        taking nothing; if more must stop, the highest numbers do, and what they
+        hold is delivered again (no attempt spent)."""
+        runner = self._runner(name)
+        if not runner.wanted:
+            return  # `start` starts that many
+        want, running = self._size(runner), len(runner.instances)
+        if running <= want:
+            await self._start_all(runner)
+            return
+        agent = self.d.agents[name]
+        victims: list[int] = []
+        for i in sorted(self._idle(runner, agent), reverse=True):
+            if len(victims) < running - want and self.readers.retire(name, i):
+                victims.append(i)
+        busy = sorted((i for i in runner.instances if i not in victims), reverse=True)
+        victims += busy[: running - want - len(victims)]
+        ending = [runner.instances[i] for i in victims]
+        for inst in ending:
+            inst.retiring = True
+        async with trio.open_nursery() as nursery:
+            for inst in ending:
+                nursery.start_soon(self._end_tree, {inst.label})
+        with trio.move_on_after(5):
+            while any(runner.instances.get(i.index) is i for i in ending):
+                await self._changed.wait()
+
+    # -- pools that size themselves ---------------------------------------------------
+
+    def _idle(self, runner: Runner, agent: Agent) -> dict[int, float]:
+        """Its instances that wait on the empty inbox holding nothing: since when."""
+        busy = {m.instance for m in agent.inflight.values()}
+        return {
+            i: since
+            for i, since in self.readers.idle(runner.name).items()
+            if i in runner.instances and i not in busy and not runner.instances[i].retiring
+        }
+
+    def idle(self, name: str) -> dict[int, float]:
+        """NAME's instances that wait on the empty inbox holding nothing: since when."""
+        runner, agent = self.runners.get(name), self.d.agents.get(name)
+        return {} if runner is None or agent is None else self._idle(runner, agent)
+
+    async def grow(self, name: str, want: int, why: str) -> None:
+        """One more instance of NAME (a pool that sizes itself): a `scale` event."""
+        runner, agent = self._runner(name), self.d.agents[name]
+        index = self._free(runner, 1)[0]
+        self.d.record([events.scale(name, agent.instances, want, index, why)])
+        await self._spawn(runner, index)
+
+    def shrink(self, name: str, index: int, want: int, why: str) -> bool:
+        """Stop instance `index` of NAME if it waits idle (a `scale` event): it is
+        retired first, so it takes nothing more before its signal."""
+        runner, agent = self._runner(name), self.d.agents[name]
+        inst = runner.instances.get(index)
+        if inst is None or not self.readers.retire(name, index):
+            return False
+        inst.retiring = True
+        try:
+            self.d.record([events.scale(name, agent.instances, want, index, why)])
+        except OSError:  # not logged: not done
+            inst.retiring = False
+            self.readers.forget(name, index)
+            raise
+        assert self._nursery is not None
+        self._nursery.start_soon(self._end_tree, {inst.label})
+        return True
+
+    # -- a reload ---------------------------------------------------------------------
+
+    def install(self, name: str, ac: AgentConfig | None) -> None:
+        """After a reload: NAME runs `ac` from its next start; without a command
+        (or removed), no process of its own. Stop it first."""
+        old = self.runners.pop(name, None)
+        proc = self.table.of(name)
+        if ac is None or not ac.command:
+            proc.state, proc.pids, proc.next_start = "external", [], ""
+            return
+        runner = Runner(name, proc, ac, Intensity(ac.max_restarts, ac.restart_window))
+        runner.wanted = False
+        if old is not None:
+            old.cool += 1  # its pending cool-down is void
+        if proc.state == "external":
+            proc.state = "stopped"
+        self.runners[name] = runner
+
+    def reconfigure(self, name: str, ac: AgentConfig) -> None:
+        """After a reload that changed only how many instances it runs."""
+        runner = self.runners.get(name)
+        if runner is not None:
+            runner.config = ac
 
     async def shutdown(self) -> None:
         """End every agent process: supervised ones and those bound by `run`."""

@@ -107,7 +107,8 @@ _SHOWN = {"seq", "ts", "type", "id", "agent"}
 def _detail(ev: Event) -> str:
     kind = ev["type"]
     if kind == "message":
-        return f"{ev.get('from')} -> {ev.get('to')} ({ev.get('priority')})"
+        via = f" via topics/{ev['topic']}" if ev.get("topic") else ""
+        return f"{ev.get('from')} -> {ev.get('to')} ({ev.get('priority')}){via}"
     if kind == "deliver":
         return f"to {ev.get('agent')}, attempt {ev.get('attempt')}"
     if kind == "ack":
@@ -116,6 +117,12 @@ def _detail(ev: Event) -> str:
         return f"attempt {ev.get('attempt')} next: {ev.get('reason')}"
     if kind == "dead":
         return f"after {ev.get('attempts')} attempts: {ev.get('reason')}"
+    if kind == "held":
+        return f"for {ev.get('agent')}: waits for the operator's approval"
+    if kind == "approved":
+        return f"by {ev.get('who')}: queued for {ev.get('agent')}"
+    if kind == "rejected":
+        return f"by {ev.get('who')}: {ev.get('reason')} (notice {ev.get('notice')})"
     rest = {k: v for k, v in ev.items() if k not in _SHOWN}
     return " ".join(f"{k}={_short(v, 40)}" for k, v in rest.items())
 

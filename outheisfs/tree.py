@@ -33,6 +33,9 @@ class Kind(Enum):
     DEAD = "dead"
     ERRORS = "errors"
     OUTPUT = "output"
+    TOPICS = "topics"  # topics/
+    TOPIC = "topic"  # topics/NAME
+    APPROVALS = "approvals"
 
 
 class Read(Enum):
@@ -93,11 +96,18 @@ class Row:
 ROOT = Row("", Kind.ROOT, 0o755, is_dir=True)
 ROOT_ROWS = (
     # name, kind, mode, own, other, read, write, stream
-    Row("ctl", Kind.ROOT_CTL, 0o440, "", "r", Read.STATUS),
+    Row("ctl", Kind.ROOT_CTL, 0o660, "", "r", Read.STATUS, Write.COMMAND),  # operator: reload
     Row("log", Kind.ROOT_LOG, 0o440, "", "r", Read.STREAM),
     Row("agents", Kind.AGENTS, 0o770, is_dir=True),
     Row("vault", Kind.VAULT, 0o770, is_dir=True),
+    Row("topics", Kind.TOPICS, 0o550, is_dir=True),
+    # the messages held for approval, the operator's only: read as `approvals` says;
+    # its size is the journal's (the `approvals` stream), which only grows
+    Row("approvals", Kind.APPROVALS, 0o440, "", "", Read.STREAM, stream="approvals"),
 )
+# topics/NAME: write-only, a message written there fans out (the `send` row of a topic)
+TOPIC = Row("", Kind.TOPIC, 0o220, "", "w", Read.NONE, Write.SEND)
+TOPIC_FIRST = 1 << 39  # topics' inodes: above every agent's block, below the vault's
 AGENT = Row("", Kind.AGENT, 0o550, is_dir=True)
 AGENT_ROWS = (
     # inbox: offsets mean nothing to a queue, reads take the next message wherever
@@ -119,6 +129,7 @@ _ROOT_BY_NAME = {row.name: ROOT_INODE + 1 + i for i, row in enumerate(ROOT_ROWS)
 _AGENT_BY_NAME = {row.name: i + 1 for i, row in enumerate(AGENT_ROWS)}
 AGENTS_INODE = _ROOT_BY_NAME["agents"]
 VAULT_INODE = _ROOT_BY_NAME["vault"]
+TOPICS_INODE = _ROOT_BY_NAME["topics"]
 BLOCK = 8  # inodes per agent: the directory, then its rows
 FIRST_AGENT = 16
 
@@ -128,6 +139,7 @@ class Node:
     inode: int
     row: Row
     agent: str | None = None
+    topic: str | None = None  # a topic's file: its name
 
     @property
     def path(self) -> str:
@@ -135,6 +147,8 @@ class Node:
         kind = self.row.kind
         if kind is Kind.ROOT:
             return "/"
+        if kind is Kind.TOPIC:
+            return f"/topics/{self.topic}"
         if self.agent is None:
             return "/" + self.row.name
         if kind is Kind.AGENT:
@@ -149,6 +163,8 @@ class Tree:
         self._slots: dict[str, int] = {}  # agent name -> block number
         self._names: dict[int, str] = {}  # block number -> agent name
         self._next = 0
+        self.topics: list[str] = []  # the config's, in order; inode TOPIC_FIRST + index
+        self._shown: set[str] = set()  # the topics of the config in force
 
     def add_agent(self, name: str) -> int:
         block = self._slots.get(name)
@@ -168,10 +184,18 @@ class Tree:
         block = self._slots.get(name)
         return None if block is None else FIRST_AGENT + block * BLOCK
 
+    def set_topics(self, names: list[str]) -> None:
+        """The topics shown: a topic keeps its inode, new ones get the next."""
+        self.topics += [n for n in names if n not in self.topics]
+        self._shown = set(names)
+
     def node(self, inode: int) -> Node | None:
         row = _FIXED.get(inode)
         if row is not None:
             return Node(inode, row)
+        if TOPIC_FIRST <= inode < TOPIC_FIRST + len(self.topics):
+            topic = self.topics[inode - TOPIC_FIRST]
+            return Node(inode, TOPIC, topic=topic) if topic in self._shown else None
         if inode < FIRST_AGENT:
             return None
         block, index = divmod(inode - FIRST_AGENT, BLOCK)
@@ -186,6 +210,8 @@ class Tree:
             return _ROOT_BY_NAME.get(name)
         if kind is Kind.AGENTS:
             return self.agent_inode(name)
+        if kind is Kind.TOPICS:
+            return TOPIC_FIRST + self.topics.index(name) if name in self._shown else None
         if kind is Kind.AGENT and parent.agent is not None:
             index = _AGENT_BY_NAME.get(name)
             return None if index is None else parent.inode + index
@@ -197,6 +223,8 @@ class Tree:
             return sorted(_ROOT_BY_NAME.items(), key=lambda kv: kv[1])
         if kind is Kind.AGENTS:
             return [(a, self.add_agent(a)) for a in agents]
+        if kind is Kind.TOPICS:
+            return [(t, TOPIC_FIRST + i) for i, t in enumerate(self.topics) if t in self._shown]
         if kind is Kind.AGENT:
             return [(row.name, parent.inode + i + 1) for i, row in enumerate(AGENT_ROWS)]
         return []

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .config import Config
+from .config import TOPIC_PREFIX, Config
 from .names import NOBODY
 from .tree import AGENT_ROWS, ROOT_ROWS
 
@@ -46,6 +46,8 @@ def config_grants(config: Config, name: str) -> dict[str, str]:
         for target in ac.send:
             if target == "*":
                 grants["/agents/*/inbox"] = "w"
+            elif target.startswith(TOPIC_PREFIX):  # topics/NAME
+                grants["/" + target] = "w"
             else:
                 grants[f"/agents/{target}/inbox"] = "w"
         for path, perms in ac.unveil.items():
@@ -81,7 +83,7 @@ class View:
         return None if grant == HIDE else grant
 
     def _leads_to_grant(self, path: str) -> bool:
-        if self.all_inboxes and is_below("/agents", path):
+        if self.all_inboxes and (is_below("/agents", path) or path == "/topics"):
             return True
         return any(
             p != HIDE and is_below(g, path) and g != path and not self._hidden_above(g)
@@ -97,8 +99,14 @@ class View:
         parts = path.strip("/").split("/") if path != "/" else []
         if len(parts) >= 2 and parts[0] == "agents":
             return self._agent_path(path, parts)
-        if path in ROOT_FILES:
-            return _meet(self._granted(path), ROOT_FILES[path])
+        if len(parts) == 2 and parts[0] == "topics":  # write-only, by `send`
+            if self._grant(path) == HIDE:
+                return None
+            granted = self._granted(path)
+            return _meet("w" if granted is None and self.all_inboxes else granted, "w")
+        if path in ROOT_FILES:  # an agent may never see a file that allows it nothing
+            allowed = ROOT_FILES[path]
+            return _meet(self._granted(path), allowed) if allowed else None
         if self._grant(path) == HIDE and path not in ("/", "/agents"):
             return None
         granted = self._granted(path)

@@ -191,8 +191,9 @@ class ClusterLog(EventLog):
             ev = {"seq": stored.seq, "ts": self._last_ts, **why}
         self._last_ts = ev["ts"]
         raw = encode(ev)
+        at = self._size
         self._write_all(raw)  # the cache: the same seq as the stream
-        self._stream_write(_streams(ev), raw)
+        self._stream_write(_streams(ev), len(raw), at)
         self.seq = stored.seq
         self.mtime_ns = time.time_ns()
         try:

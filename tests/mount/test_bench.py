@@ -49,8 +49,10 @@ EXPECTED = FLOORED | {
     "disk_one_fd",
     "disk_four_writers",
     "disk_four_inboxes",
+    "log_first_ready",
     "log_ready",
     "log_memory",
+    "log_copies",
 }
 # The Redis Streams reference rows: measured where redis-server is installed.
 REFERENCE = {f"{key}_p{p}" for key in REDIS for p in (50, 99)}

@@ -331,11 +331,11 @@ def test_refusals_are_readable_in_the_errors_file_and_run_prints_them(server: Se
     server.write_config('[agents.a]\nsend = ["b"]\n[agents.b]\n[agents.c]\n')
     server.mount()
     with pytest.raises(OSError) as e:
-        server.agent("a", "ctl").write_text("instances 3\n")
+        server.agent("a", "ctl").write_text("scale 3\n")
     assert e.value.errno == errno.EINVAL
     rows = [json.loads(x) for x in server.agent("user", "errors").read_text().splitlines()]
     row = rows[-1]  # (Python writes its buffer again at close: two refusals)
-    assert "unknown command 'instances'" in row["why"] and row["errno"] == "EINVAL"
+    assert "unknown command 'scale'" in row["why"] and row["errno"] == "EINVAL"
     # An agent's refusal: in its own errors file, and printed by `run`.
     r = outheisfs("run", "a", "--mount", str(server.mp), "--", "sh", "-c",
                   f"echo hi > {server.agent('a', 'log')}")  # fmt: skip

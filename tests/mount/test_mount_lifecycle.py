@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -244,6 +245,13 @@ def test_damage_before_the_end_refuses_the_mount(server: Server, garble: str) ->
         lines[1] = lines[1][:mid] + b"\xff" + lines[1][mid + 1 :]
     log.write_bytes(b"\n".join(lines))
     before = log.read_bytes()
+    # The checkpoint of the clean stop holds what those events said: start-up and
+    # `replay` read only what follows it, and `replay --full` finds the damage.
+    r = outheisfs("replay", "--state", str(server.state))
+    assert r.returncode == 0, r.stderr
+    r = outheisfs("replay", "--full", "--state", str(server.state))
+    assert r.returncode == 1 and f"byte {offset}" in r.stderr and "line 2" in r.stderr
+    shutil.rmtree(server.state / "checkpoints")  # without it, the whole log is read
     r = server.mount(check=False)
     assert r.returncode == 1
     assert f"byte {offset}" in r.stderr and "line 2" in r.stderr

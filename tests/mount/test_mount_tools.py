@@ -522,6 +522,12 @@ def test_systemd_unit(tmp_path: Path) -> None:
         pid = int(Path(expand(unit["PIDFile"][0])[0]).read_text())
         assert pid == int(os.getxattr(mp, "user.outheisfs.pid"))
         wait_for(lambda: "running" in (mp / "agents" / "echo" / "ctl").read_text(), timeout=15)
+        with open(tmp_path / "etc" / "team.toml", "a") as f:
+            f.write("[agents.more]\n")
+        r = subprocess.run(
+            expand(unit["ExecReload"][0]), capture_output=True, text=True, timeout=60
+        )
+        assert (r.returncode, r.stdout) == (0, "reloaded: added more\n"), r.stderr
         r = subprocess.run(expand(unit["ExecStop"][0]), capture_output=True, text=True, timeout=90)
         assert r.returncode == 0, r.stderr
         assert not os.path.ismount(mp) and not _alive(pid)

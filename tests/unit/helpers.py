@@ -119,6 +119,7 @@ def snapshot(d: Dispatcher, at: float | None = None) -> dict[str, Any]:
             "inflight": sorted(msg(m) for m in a.inflight.values()),
             "delivered": a.delivered,
             "dead": a.dead,
+            "held": sorted(msg(m) for m in a.held.values()),
             "head": None if head is None else head.id,
         }
     return {"seq": d.seq, "agents": agents, "pending": sorted(d.messages)}

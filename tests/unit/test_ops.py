@@ -142,16 +142,17 @@ async def test_modes(env: OpsEnv) -> None:
     for d in ("/", "agents", "vault", "agents/echo", "agents/user"):
         assert stat.S_ISDIR(await mode(d)), d
     # Files that cannot be written have no write bit [SPEC §4].
-    for f in ("ctl", "log", "agents/echo/log"):
+    for f in ("log", "agents/echo/log"):
         m = await mode(f)
         assert stat.S_ISREG(m) and m & 0o444 and not m & 0o222, f
-    for f in ("agents/echo/inbox", "agents/echo/outbox", "agents/echo/ctl"):
+    # The root ctl takes `reload` from the operator.
+    for f in ("ctl", "agents/echo/inbox", "agents/echo/outbox", "agents/echo/ctl"):
         m = await mode(f)
         assert stat.S_ISREG(m) and m & 0o444 and m & 0o222, f
 
 
 async def test_open_access_modes(env: OpsEnv) -> None:
-    for path in ("log", "ctl", "agents/echo/log"):
+    for path in ("log", "agents/echo/log"):
         ino = await env.ino(path)
         for flags in (WR, RW):
             assert await errno_of(env.ops.open(ino, flags, env.ctx)) == errno.EACCES, path
